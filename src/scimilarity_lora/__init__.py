@@ -1,0 +1,1 @@
+"""scimilarity-lora: fine-tune SCimilarity with LoRA."""

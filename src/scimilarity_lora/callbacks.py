@@ -1,0 +1,54 @@
+"""Lightning callbacks: throughput and the per-epoch history that the plots and metrics.json use."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+
+
+class TrainingSpeed(L.Callback):
+    """Cells per second of training steps (forward + backward + optimizer; data loading excluded)."""
+
+    def __init__(self) -> None:
+        self.cells = 0
+        self.step_seconds = 0.0
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.step_seconds += time.perf_counter() - self._t0
+        self.cells += int(batch[1].shape[0])
+
+    @property
+    def cells_per_second(self) -> float:
+        return self.cells / self.step_seconds if self.step_seconds else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cells": self.cells, "step_seconds": self.step_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.cells, self.step_seconds = int(state_dict["cells"]), float(state_dict["step_seconds"])
+
+
+class MetricsHistory(L.Callback):
+    """Epoch-level metrics in memory (logger-independent), for learning-curve plots."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        row = {"epoch": float(trainer.current_epoch)}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        self.rows.append(row)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])

@@ -1,0 +1,171 @@
+"""The model's gene order, and aligning any gene list to it.
+
+This is the only place where genes are matched to the model's input columns. Training (AnnData and Census),
+evaluation, annotation and serving all go through :class:`GeneAlignment`, so they cannot disagree on which
+column of the encoder a gene feeds.
+
+SCimilarity's own ``align_dataset`` matches by symbol, zero-fills the model genes the data lacks and drops the
+rest; we do the same, and additionally accept Ensembl ids through a ``var`` column.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
+
+
+class GeneAlignmentError(ValueError):
+    """The data's genes cannot be aligned to the model's gene order."""
+
+
+def read_gene_order(path: str | Path) -> list[str]:
+    """Read SCimilarity's ``gene_order.tsv``: one gene symbol per line, in encoder input order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"gene order file not found: {path}")
+    genes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not genes:
+        raise GeneAlignmentError(f"gene order file is empty: {path}")
+    dupes = [g for g, n in Counter(genes).items() if n > 1]
+    if dupes:
+        raise GeneAlignmentError(f"gene order file {path} lists genes more than once: {dupes[:10]}")
+    return genes
+
+
+def write_gene_order(genes: Sequence[str], path: str | Path) -> None:
+    Path(path).write_text("\n".join(genes) + "\n")
+
+
+@dataclass(frozen=True)
+class GeneAlignment:
+    """How the columns of a dataset map onto the model's gene order.
+
+    ``source_index[k]`` is the dataset column feeding model gene ``target_index[k]``. Model genes absent from the
+    dataset are zero-filled; dataset genes absent from the model are dropped.
+    """
+
+    model_genes: tuple[str, ...]
+    source_index: np.ndarray
+    target_index: np.ndarray
+    n_source: int
+    unknown_genes: tuple[str, ...]
+
+    @property
+    def n_overlap(self) -> int:
+        return int(self.source_index.size)
+
+    @property
+    def n_model_genes(self) -> int:
+        return len(self.model_genes)
+
+    @property
+    def overlap_fraction(self) -> float:
+        """Fraction of the *model's* genes the data provides (what the encoder actually sees)."""
+        return self.n_overlap / self.n_model_genes
+
+    def summary(self) -> dict:
+        return {
+            "n_model_genes": self.n_model_genes,
+            "n_data_genes": self.n_source,
+            "n_overlap": self.n_overlap,
+            "overlap_fraction": round(self.overlap_fraction, 6),
+            "n_unknown": len(self.unknown_genes),
+        }
+
+    def projection(self) -> sp.csr_matrix:
+        """A 0/1 matrix P (n_source x n_model genes) so that ``X @ P`` is X in the model's gene order."""
+        ones = np.ones(self.n_overlap, dtype=np.float32)
+        return sp.csr_matrix(
+            (ones, (self.source_index, self.target_index)), shape=(self.n_source, self.n_model_genes)
+        )
+
+    def apply(self, X: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+        """Reorder a cells x data-genes matrix into cells x model-genes CSR (float32), never densifying."""
+        if X.shape[1] != self.n_source:
+            raise GeneAlignmentError(
+                f"matrix has {X.shape[1]} gene columns but the alignment was built for {self.n_source}"
+            )
+        X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32)
+        out = (X @ self.projection()).tocsr()
+        out.sort_indices()
+        return out
+
+
+def align_genes(
+    data_genes: Sequence[str],
+    model_genes: Sequence[str],
+    *,
+    data_gene_ids: Sequence[str] | None = None,
+    min_overlap: int = 1,
+    min_overlap_fraction: float = 0.0,
+) -> GeneAlignment:
+    """Match dataset genes to the model's gene order by symbol (and by Ensembl id if ``data_gene_ids``).
+
+    ``model_genes`` may hold symbols and/or Ensembl ids; a dataset gene matches if either its symbol or its id is
+    in the model. Raises :class:`GeneAlignmentError` for duplicated dataset genes or an overlap below the minimum.
+    """
+    data_genes = [str(g) for g in data_genes]
+    dupes = sorted(g for g, n in Counter(data_genes).items() if n > 1)
+    if dupes:
+        raise GeneAlignmentError(
+            f"{len(dupes)} gene names occur more than once in the data (e.g. {dupes[:5]}); "
+            "SCimilarity needs one column per gene. Sum or drop the duplicates first."
+        )
+    position = {g: i for i, g in enumerate(model_genes)}
+    ids = [str(g) for g in data_gene_ids] if data_gene_ids is not None else [None] * len(data_genes)
+    if len(ids) != len(data_genes):
+        raise GeneAlignmentError("data_gene_ids must have one entry per gene")
+
+    source, target, unknown = [], [], []
+    taken: dict[int, str] = {}
+    for i, (symbol, gene_id) in enumerate(zip(data_genes, ids)):
+        j = position.get(symbol)
+        if j is None and gene_id is not None:
+            j = position.get(gene_id)
+        if j is None:
+            unknown.append(symbol)
+            continue
+        if j in taken:  # symbol of one gene equals the id of another: keep the first, say so
+            log.warning("genes %r and %r both map to model gene %r; keeping %r", taken[j], symbol,
+                        model_genes[j], taken[j])
+            unknown.append(symbol)
+            continue
+        taken[j] = symbol
+        source.append(i)
+        target.append(j)
+
+    alignment = GeneAlignment(
+        model_genes=tuple(model_genes),
+        source_index=np.asarray(source, dtype=np.int64),
+        target_index=np.asarray(target, dtype=np.int64),
+        n_source=len(data_genes),
+        unknown_genes=tuple(unknown),
+    )
+    needed = max(int(min_overlap), int(np.ceil(min_overlap_fraction * len(model_genes))))
+    if alignment.n_overlap < needed:
+        looks_like_ids = sum(g.startswith("ENS") for g in data_genes[:200]) > 100
+        hint = (
+            " The data's gene names look like Ensembl ids; pass the column holding symbols "
+            "(or set the gene-id column) so they can be matched."
+            if looks_like_ids
+            else ""
+        )
+        raise GeneAlignmentError(
+            f"only {alignment.n_overlap} of the model's {len(model_genes)} genes "
+            f"({alignment.overlap_fraction:.1%}) are in the data; at least {needed} are required "
+            f"(min_overlap={min_overlap}, min_overlap_fraction={min_overlap_fraction}). "
+            f"First data genes: {data_genes[:5]}.{hint}"
+        )
+    log.info(
+        "gene alignment: %d of %d model genes present (%.1f%%); %d data genes not in the model",
+        alignment.n_overlap, len(model_genes), 100 * alignment.overlap_fraction, len(unknown),
+    )
+    return alignment

@@ -1,0 +1,90 @@
+"""Counts -> the encoder's input, exactly as SCimilarity preprocesses: align, normalise total to 1e4, log1p.
+
+One implementation, applied per batch on sparse rows (never a dense copy of a whole dataset), and shared by
+training, evaluation, annotation and serving. The settings travel inside every checkpoint
+(:meth:`Preprocessing.to_dict`), so a served model applies what it was trained with.
+
+Log-normalised input (e.g. an AnnData whose ``.raw`` holds ``log1p(normalize_total(counts))``) is accepted with
+``input_is_log1p=True``: ``expm1`` recovers per-cell-scaled counts, and because total-count normalisation is
+invariant to a per-cell scale, re-normalising them after alignment gives what SCimilarity would compute from the
+original counts restricted to the same genes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+#: log1p(1e4) ~ 9.21: log-normalised values above this bound cannot come from normalize_total(1e4) + log1p.
+_MAX_PLAUSIBLE_LOG1P = 15.0
+
+
+class InvalidExpressionError(ValueError):
+    """Expression values that cannot be preprocessed (NaN, inf, negative, or the wrong kind of values)."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    target_sum: float = 1e4
+    input_is_log1p: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(target_sum=float(d["target_sum"]), input_is_log1p=bool(d["input_is_log1p"]))
+
+    # -- validation --------------------------------------------------------------------------------------
+    def validate(self, values: np.ndarray, where: str = "input") -> None:
+        """Refuse values that would silently produce a wrong embedding."""
+        if values.size == 0:
+            return
+        if not np.all(np.isfinite(values)):
+            n = int((~np.isfinite(values)).sum())
+            raise InvalidExpressionError(f"{where} contains {n} NaN or infinite values")
+        if values.min() < 0:
+            n = int((values < 0).sum())
+            raise InvalidExpressionError(
+                f"{where} contains {n} negative values; expected raw counts or log1p-normalised counts "
+                "(scaled/centred data such as adata.X after sc.pp.scale cannot be used)"
+            )
+        if self.input_is_log1p and values.max() > _MAX_PLAUSIBLE_LOG1P:
+            raise InvalidExpressionError(
+                f"{where} was declared log-normalised (input_is_log1p=True) but has values up to "
+                f"{values.max():.3g}, which look like raw counts; set input_is_log1p=False"
+            )
+
+    def check_kind(self, values: np.ndarray, where: str = "input") -> None:
+        """Dataset-level check that declared raw counts are not already log-normalised.
+
+        Raw counts are integers (or near-integers for some quantifiers) with a large range; log1p data are mostly
+        fractional and small. Only run on whole datasets (a sample of their non-zeros), not single cells.
+        """
+        self.validate(values, where)
+        if self.input_is_log1p or values.size < 100:
+            return
+        frac_nonint = float(np.mean(np.abs(values - np.round(values)) > 1e-3))
+        if frac_nonint > 0.5 and values.max() < _MAX_PLAUSIBLE_LOG1P:
+            raise InvalidExpressionError(
+                f"{where} was declared raw counts but {frac_nonint:.0%} of its non-zero values are fractional "
+                f"and the maximum is {values.max():.3g}: it looks log-normalised. "
+                "Set input_is_log1p=True (or point at the layer holding raw counts)"
+            )
+
+    # -- transformation ----------------------------------------------------------------------------------
+    def __call__(self, aligned: sp.csr_matrix, validate: bool = True) -> torch.Tensor:
+        """Cells x model-genes CSR (already aligned) -> dense float32 tensor of encoder inputs."""
+        X = aligned.astype(np.float32, copy=True).tocsr()
+        if validate:
+            self.validate(X.data)
+        if self.input_is_log1p:
+            np.expm1(X.data, out=X.data)
+        totals = np.asarray(X.sum(axis=1)).ravel()
+        scale = np.divide(self.target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+        X.data *= np.repeat(scale, np.diff(X.indptr)).astype(np.float32)
+        np.log1p(X.data, out=X.data)
+        return torch.from_numpy(X.toarray())

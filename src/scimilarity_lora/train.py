@@ -1,0 +1,149 @@
+"""One training run from a composed Hydra config: build, fit, test, export, write ``metrics.json``.
+
+The root ``train.py`` only composes the config and calls :func:`run`. Everything is built with
+``hydra.utils.instantiate`` from the config groups in ``conf/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from scimilarity_lora.artifact import classifier_from_checkpoint, save_model_dir
+from scimilarity_lora.callbacks import MetricsHistory, TrainingSpeed
+from scimilarity_lora.encoder import EncoderConfig
+from scimilarity_lora.lora import FinetuneConfig, resolve_target_modules
+from scimilarity_lora.plots import plot_confusion_matrix, plot_learning_curves
+from scimilarity_lora.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+def finetune_config(cfg: DictConfig) -> FinetuneConfig:
+    """Validate the fine-tuning settings before any data is read (bad ``lora.*`` values fail fast)."""
+    finetune = FinetuneConfig.from_dict({**OmegaConf.to_container(cfg.lora, resolve=True), "mode": cfg.finetune.mode})
+    if finetune.mode == "lora" and not cfg.model.pretrained_dir:
+        # the stand-in's layer names are known from the config; a pretrained folder is checked when loaded
+        resolve_target_modules(finetune.target_modules, EncoderConfig(1, hidden_dim=tuple(cfg.model.hidden_dim)))
+    return finetune
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> list[float]:
+    """Inverse-frequency weights, normalised to mean 1 over the classes present."""
+    counts = np.bincount(y, minlength=n_classes).astype(float)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0)
+    return (w / w[counts > 0].mean()).tolist()
+
+
+def _instantiate_all(nodes: DictConfig | None) -> list[Any]:
+    if not nodes:
+        return []
+    return [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
+
+
+def run(cfg: DictConfig) -> float | None:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    finetune = finetune_config(cfg)
+
+    datamodule = instantiate(cfg.data)
+    needs_data_genes = not (cfg.model.pretrained_dir or cfg.model.gene_order_file)
+    # partials, called with plain Python values: gene lists and tensors must not become OmegaConf containers
+    base = instantiate(cfg.model.base, _partial_=True, _convert_="all")(
+        data_genes=datamodule.data_genes() if needs_data_genes else None
+    )
+    if finetune.mode == "lora":
+        resolve_target_modules(finetune.target_modules, base.encoder.config)
+    datamodule.gene_order = base.genes
+    datamodule.setup("fit")
+
+    extra: dict[str, Any] = {}
+    if cfg.model.class_weights:
+        extra["class_weights"] = class_weights(datamodule.datasets["train"].y.numpy(), len(datamodule.labels))
+    model = instantiate(cfg.model.classifier, _partial_=True)(
+        encoder_config=base.encoder.config.to_dict(),
+        gene_order=list(base.genes),
+        classes=list(datamodule.labels.classes),
+        finetune=finetune.to_dict(),
+        preprocessing=Preprocessing(target_sum=datamodule.preprocessing.target_sum).to_dict(),
+        base_is_pretrained=base.is_pretrained,
+        base_state_dict=base.encoder.state_dict(),
+        **extra,
+    )
+    params = model.parameter_counts()
+    log.info("parameters: %s trainable / %s total", f"{params['trainable_params']:,}", f"{params['total_params']:,}")
+
+    speed, history = TrainingSpeed(), MetricsHistory()
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [speed, history]
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **params})
+
+    try:
+        t0 = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        train_seconds = time.perf_counter() - t0
+        checkpoint = trainer.checkpoint_callback
+        best_path = checkpoint.best_model_path if checkpoint is not None else ""
+        trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
+        metrics = _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, base)
+        if trainer.is_global_zero:
+            _write_outputs(out, cfg, model, datamodule, best_path, metrics, history)
+        for lg in loggers:
+            lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    finally:
+        _finish_wandb(loggers)
+    optimized = cfg.get("optimized_metric")
+    return float(metrics[optimized]) if optimized and optimized in metrics else None
+
+
+def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, base) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1
+    }
+    metrics["test/per_class_f1"] = model.test_results.get("per_class_f1", {})
+    best = checkpoint.best_model_score if checkpoint is not None else None
+    metrics["val/macro_f1"] = float(best) if best is not None else float(trainer.callback_metrics.get("val/macro_f1", np.nan))
+    metrics["best_checkpoint"] = checkpoint.best_model_path if checkpoint is not None else None
+    metrics["epochs_trained"] = int(trainer.current_epoch)
+    metrics.update(params)
+    metrics["train_seconds"] = round(train_seconds, 3)
+    metrics["cells_per_second"] = round(speed.cells_per_second, 1)
+    metrics["finetune"] = model.finetune.to_dict()
+    metrics["base_model"] = {"is_pretrained": base.is_pretrained, "source": base.source}
+    metrics.update(datamodule.summary())
+    return metrics
+
+
+def _write_outputs(out: Path, cfg, model, datamodule, best_path: str, metrics: dict, history: MetricsHistory) -> None:
+    datamodule.save_splits(out / "splits.csv")
+    best = classifier_from_checkpoint(best_path) if best_path else model
+    save_model_dir(best, out / "model", extra={"metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
+                                                "training_config": OmegaConf.to_container(cfg, resolve=True)})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    if "confusion_matrix" in model.test_results:
+        plot_confusion_matrix(model.test_results["confusion_matrix"], model.classes, plots / "confusion_matrix.png")
+    if history.rows:
+        plot_learning_curves(history.rows, plots / "learning_curves.png")
+    log.info("test accuracy %.3f, macro-F1 %.3f; results in %s", metrics.get("test/accuracy", np.nan),
+             metrics.get("test/macro_f1", np.nan), out)
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    """One W&B run per job: close it so a multirun's next job starts a fresh run."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()

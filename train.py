@@ -1,0 +1,20 @@
+"""Train: compose the Hydra config in conf/ and run it.
+
+    python train.py                               # embedded default: LoRA on bundled PBMC data, CPU, minutes
+    python train.py lora.r=8 trainer.max_epochs=3
+    python train.py --multirun lora.r=4,8,16
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from scimilarity_lora.train import run  # imported lazily: config errors surface before heavy imports
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
