@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -> creates .venv if needed, trains the embedded default, writes outputs/runs/<date>/<time>/
+#   make test   -> creates .venv if needed, runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv bench clean
+
+venv: $(STAMP)
+
+# torch first: `pip install torch==2.13.0` takes the CPU wheel (a plain `torch` requirement would pull a CUDA
+# build of several GB). Then the project with the full lock as constraints. scimilarity itself is installed
+# without its dependencies (it pins zarr<3, which anndata 0.12 cannot share); the compatibility test loads only
+# its dependency-free nn_models.py.
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps scimilarity==0.4.1
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) train.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,149 @@
+"""Our Encoder against SCimilarity's own code and on-disk format."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scimilarity_lora.encoder import (
+    Encoder,
+    ModelFolderError,
+    load_base,
+    load_model_folder,
+    save_model_folder,
+)
+from scimilarity_lora.lora import FinetuneConfig, prepare_encoder
+
+
+def real_scimilarity_nn_models():
+    """SCimilarity 0.4.1's nn_models.py from the installed package (installed --no-deps; see Makefile).
+
+    Only this file is loaded: the package's __init__ imports hnswlib/zarr<3 stacks that cannot share our
+    environment, but the Encoder and its save_state() live here and depend on torch alone.
+    """
+    spec = importlib.util.find_spec("scimilarity")
+    if spec is None:
+        pytest.skip("scimilarity is not installed (make installs it with --no-deps)")
+    path = Path(spec.submodule_search_locations[0]) / "nn_models.py"
+    module_spec = importlib.util.spec_from_file_location("scimilarity_nn_models", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def write_folder_like_scimilarity(tmp_path: Path, n_genes=300, hidden=(64, 48, 32), latent=16, seed=0):
+    """A model folder exactly as SCimilarity writes one: Encoder.save_state + layer_sizes.json + gene_order.tsv."""
+    nn_models = real_scimilarity_nn_models()
+    torch.manual_seed(seed)
+    real = nn_models.Encoder(n_genes, latent_dim=latent, hidden_dim=list(hidden))
+    with torch.no_grad():  # non-trivial BatchNorm statistics and PReLU slopes, as in trained weights
+        for m in real.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+            if isinstance(m, torch.nn.PReLU):
+                m.weight.uniform_(0.1, 0.4)
+    folder = tmp_path / "model_v1.1"
+    folder.mkdir()
+    real.save_state(str(folder / "encoder.ckpt"))
+    # MetricLearning.save_all: {key: list(size)} for every state-dict entry
+    (folder / "layer_sizes.json").write_text(json.dumps({k: list(v.size()) for k, v in real.state_dict().items()}))
+    (folder / "gene_order.tsv").write_text("\n".join(f"GENE{i}" for i in range(n_genes)) + "\n")
+    return real.eval(), folder
+
+
+def test_state_dict_keys_are_scimilaritys():
+    keys = list(Encoder(100, 16, [32, 32, 32]).state_dict())
+    assert keys[:7] == ["network.0.1.weight", "network.0.1.bias", "network.0.2.weight", "network.0.2.bias",
+                        "network.0.2.running_mean", "network.0.2.running_var", "network.0.2.num_batches_tracked"]
+    assert "network.0.3.weight" in keys and keys[-2:] == ["network.3.weight", "network.3.bias"]
+    assert keys == list(real_scimilarity_nn_models().Encoder(100, 16, [32, 32, 32]).state_dict())
+
+
+def test_loads_a_real_scimilarity_folder_and_gives_identical_embeddings(tmp_path):
+    real, folder = write_folder_like_scimilarity(tmp_path)
+    ours, genes = load_model_folder(folder)
+    assert genes[:2] == ["GENE0", "GENE1"] and len(genes) == 300
+    assert ours.config.hidden_dim == (64, 48, 32) and ours.config.latent_dim == 16
+    x = torch.log1p(torch.rand(64, 300) * 5)
+    ours.eval()
+    with torch.no_grad():
+        expected = real(x)
+        diff = (ours(x) - expected).abs().max().item()
+        assert diff < 1e-5
+        # with LoRA attached at init (B = 0) the function is unchanged
+        lora = prepare_encoder(ours, FinetuneConfig(mode="lora", r=4, target_modules=("all",))).eval()
+        assert (lora(x) - expected).abs().max().item() < 1e-5
+    assert torch.allclose(expected.norm(dim=1), torch.ones(64), atol=1e-5)
+
+
+def test_our_folders_load_in_scimilarity(tmp_path):
+    enc = Encoder(120, 8, [16, 16]).eval()
+    folder = save_model_folder(enc, [f"G{i}" for i in range(120)], tmp_path / "m")
+    real = real_scimilarity_nn_models().Encoder(120, latent_dim=8, hidden_dim=[16, 16])
+    real.load_state(str(folder / "encoder.ckpt"))
+    x = torch.rand(5, 120)
+    with torch.no_grad():
+        assert torch.allclose(real.eval()(x), enc(x), atol=1e-6)
+
+
+def test_full_size_architecture_from_the_real_gene_order(real_gene_order, tmp_path):
+    (tmp_path / "g.tsv").write_text("\n".join(real_gene_order))
+    base = load_base(gene_order_file=str(tmp_path / "g.tsv"))
+    n_params = sum(p.numel() for p in base.encoder.parameters())
+    first = base.encoder.network[0][1].weight.numel()
+    assert first == 28231 * 1024
+    assert 31.0e6 < n_params < 31.2e6  # SCimilarity's 31.1M parameters
+    assert not base.is_pretrained
+
+
+def test_missing_file_is_named(tmp_path):
+    _, folder = write_folder_like_scimilarity(tmp_path)
+    os.remove(folder / "layer_sizes.json")
+    with pytest.raises(ModelFolderError, match="missing layer_sizes.json"):
+        load_model_folder(folder)
+
+
+def test_gene_order_that_does_not_fit_the_weights(tmp_path):
+    _, folder = write_folder_like_scimilarity(tmp_path)
+    (folder / "gene_order.tsv").write_text("\n".join(f"G{i}" for i in range(299)))
+    with pytest.raises(ModelFolderError, match="299 genes .* takes 300"):
+        load_model_folder(folder)
+
+
+def test_shape_mismatch_is_reported(tmp_path):
+    _, folder = write_folder_like_scimilarity(tmp_path)
+    sizes = json.loads((folder / "layer_sizes.json").read_text())
+    sizes["network.3.weight"] = [32, 32]  # claims a 32-d latent space; the weights are 16-d
+    (folder / "layer_sizes.json").write_text(json.dumps(sizes))
+    with pytest.raises(ModelFolderError, match="shape mismatches"):
+        load_model_folder(folder)
+
+
+def test_truncated_checkpoint(tmp_path):
+    _, folder = write_folder_like_scimilarity(tmp_path)
+    data = (folder / "encoder.ckpt").read_bytes()
+    (folder / "encoder.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFolderError, match="corrupt or truncated"):
+        load_model_folder(folder)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PWNED_MARKER']}",))
+
+
+def test_pickle_carrying_code_is_not_executed(tmp_path, monkeypatch):
+    _, folder = write_folder_like_scimilarity(tmp_path)
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PWNED_MARKER", str(marker))
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "evil": _Payload()}, folder / "encoder.ckpt")
+    with pytest.raises(ModelFolderError, match="refused"):
+        load_model_folder(folder)
+    assert not marker.exists()

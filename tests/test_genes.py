@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from scimilarity_lora.genes import GeneAlignmentError, align_genes, read_gene_order
+
+
+def test_alignment_reorders_zero_fills_and_drops():
+    model = ["A", "B", "C", "D"]
+    data = ["C", "X", "A"]  # X is unknown, B and D are missing
+    X = sp.csr_matrix(np.array([[1.0, 7.0, 2.0], [0.0, 5.0, 3.0]]))
+    al = align_genes(data, model)
+    out = al.apply(X).toarray()
+    np.testing.assert_array_equal(out, [[2.0, 0.0, 1.0, 0.0], [3.0, 0.0, 0.0, 0.0]])
+    assert al.n_overlap == 2 and al.unknown_genes == ("X",)
+    assert al.summary() == {"n_model_genes": 4, "n_data_genes": 3, "n_overlap": 2, "overlap_fraction": 0.5,
+                            "n_unknown": 1}
+
+
+def test_alignment_accepts_ensembl_ids_through_a_column():
+    model = ["ENSG1", "ENSG2", "CD3D"]
+    al = align_genes(["foo", "CD3D", "bar"], model, data_gene_ids=["ENSG2", "ENSG9", "ENSG1"])
+    out = al.apply(np.array([[1.0, 2.0, 3.0]])).toarray()
+    np.testing.assert_array_equal(out, [[3.0, 1.0, 2.0]])
+
+
+def test_too_few_overlapping_genes_is_a_clear_error():
+    with pytest.raises(GeneAlignmentError, match=r"only 1 of the model's 3 genes .* at least 2"):
+        align_genes(["A", "Z"], ["A", "B", "C"], min_overlap=2)
+
+
+def test_ensembl_ids_where_symbols_expected_gets_a_hint(real_gene_order):
+    ids = [f"ENSG{i:011d}" for i in range(300)]
+    with pytest.raises(GeneAlignmentError, match="look like Ensembl ids"):
+        align_genes(ids, real_gene_order, min_overlap=10)
+
+
+def test_duplicated_gene_names_are_refused():
+    with pytest.raises(GeneAlignmentError, match="more than once"):
+        align_genes(["A", "B", "A"], ["A", "B"])
+
+
+def test_alignment_refuses_a_matrix_of_another_width():
+    al = align_genes(["A", "B"], ["A", "B"])
+    with pytest.raises(GeneAlignmentError, match="3 gene columns"):
+        al.apply(np.ones((1, 3)))
+
+
+def test_real_gene_order_and_bundled_pbmc_overlap(real_gene_order, pbmc):
+    assert len(real_gene_order) == 28231
+    assert real_gene_order[:3] == ["A1BG", "A1BG-AS1", "A1CF"]
+    al = align_genes(pbmc.raw.var_names, real_gene_order)
+    # 49 of the 765 bundled genes carry pre-2016 symbols (TCEB2, HMHA1, UFD1L, ...) absent from SCimilarity's order
+    assert al.n_overlap == 716
+    assert {"TCEB2", "HMHA1", "UFD1L"} <= set(al.unknown_genes)
+
+
+def test_gene_order_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_gene_order(tmp_path / "nope.tsv")
+    (tmp_path / "dup.tsv").write_text("A\nB\nA\n")
+    with pytest.raises(GeneAlignmentError, match="more than once"):
+        read_gene_order(tmp_path / "dup.tsv")

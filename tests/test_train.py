@@ -1,0 +1,165 @@
+"""End-to-end training through the real Hydra config, Lightning Trainer and peft, on the bundled PBMC data."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_counts_adata
+from helpers import FAST, compose_train, run_train_cli
+from scimilarity_lora.artifact import classifier_from_checkpoint
+from scimilarity_lora.data.anndata import DataError
+from scimilarity_lora.labels import LabelError
+from scimilarity_lora.predictor import CellTypePredictor
+from scimilarity_lora.train import run
+
+REQUIRED = {"test/accuracy", "test/macro_f1", "test/per_class_f1", "val/macro_f1", "trainable_params",
+            "total_params", "train_seconds", "cells_per_second", "gene_overlap"}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_train(FAST + ["trainer.max_epochs=4", "lora.r=4"], out)
+    value = run(cfg)
+    return out, value
+
+
+def test_run_dir_contents(trained_run, pbmc):
+    out, value = trained_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert REQUIRED <= set(metrics)
+    assert value == pytest.approx(metrics["val/macro_f1"])  # what a sweeper optimises
+    assert 0 <= metrics["test/accuracy"] <= 1 and 0 <= metrics["test/macro_f1"] <= 1
+    assert set(metrics["test/per_class_f1"]) == set(pbmc.obs["bulk_labels"].unique())
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert metrics["cells_per_second"] > 0 and metrics["train_seconds"] > 0
+    assert metrics["gene_overlap"]["n_overlap"] == 765
+    assert metrics["finetune"]["mode"] == "lora" and metrics["finetune"]["r"] == 4
+    assert len(list((out / "checkpoints").glob("epoch*.ckpt"))) == 1
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    for name in ("model_config.json", "gene_order.tsv", "encoder.safetensors", "head.safetensors",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (out / "model" / name).is_file(), name
+    for plot in ("confusion_matrix.png", "learning_curves.png"):
+        assert (out / "plots" / plot).stat().st_size > 10_000
+
+
+def test_splits_are_disjoint_and_recorded(trained_run, pbmc):
+    splits = pd.read_csv(trained_run[0] / "splits.csv")
+    assert splits["cell_id"].is_unique
+    assert set(splits["cell_id"]) == set(pbmc.obs_names)
+    assert splits["split"].value_counts().to_dict() == {"train": 490, "val": 105, "test": 105}
+
+
+def test_checkpoint_is_self_contained_and_reproduces_predictions(trained_run, pbmc):
+    """The best checkpoint, the exported model dir and the reported test accuracy all agree."""
+    out, _ = trained_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    module = classifier_from_checkpoint(metrics["best_checkpoint"])
+    hp = module.hparams
+    assert hp["classes"] == sorted(pbmc.obs["bulk_labels"].unique()) and len(hp["gene_order"]) == 765
+    assert hp["preprocessing"] == {"target_sum": 10000.0, "input_is_log1p": False}
+
+    predictor = CellTypePredictor.load(out / "model")
+    test_ids = pd.read_csv(out / "splits.csv").query("split == 'test'")["cell_id"]
+    adata = pbmc[pbmc.obs_names.isin(test_ids)]
+    probs, emb = predictor.predict(adata.raw.X, list(adata.raw.var_names), input_is_log1p=True)
+    x = predictor.featurize(adata.raw.X, predictor.alignment(list(adata.raw.var_names)), input_is_log1p=True)
+    with torch.no_grad():
+        from_ckpt = torch.softmax(module(x), dim=1).numpy()
+    np.testing.assert_allclose(probs, from_ckpt, atol=1e-5)  # merged export == adapter checkpoint
+    assert emb.shape == (len(adata), 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    predicted = np.array(predictor.classes)[probs.argmax(1)]
+    accuracy = float(np.mean(predicted == adata.obs["bulk_labels"].astype(str).to_numpy()))
+    assert accuracy == pytest.approx(metrics["test/accuracy"], abs=1e-6)
+
+
+def test_missing_label_column(tmp_path):
+    with pytest.raises(LabelError, match=r"label column 'cell_typ' not in obs; available columns: \['bulk_labels'"):
+        run(compose_train(FAST + ["data.label_key=cell_typ"], tmp_path))
+
+
+def test_corrupt_h5ad(tmp_path):
+    bad = tmp_path / "bad.h5ad"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        run(compose_train(FAST + ["data=h5ad", f"data.path={bad}"], tmp_path / "o"))
+
+
+def test_h5ad_raw_counts_split_by_donor(tmp_path):
+    adata = make_counts_adata(n_cells=360, n_genes=120, n_donors=6)
+    path = tmp_path / "counts.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "run"
+    run(compose_train(FAST + ["data=h5ad", f"data.path={path}", "data.donor_key=donor_id", "data.layer=X"], out))
+    splits = pd.read_csv(out / "splits.csv").merge(adata.obs[["donor_id"]], left_on="cell_id", right_index=True)
+    donors = splits.groupby("split")["donor_id"].agg(set)
+    assert not (donors["train"] & donors["val"]) and not (donors["train"] & donors["test"])
+    assert not (donors["val"] & donors["test"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test/accuracy"] > 0.5  # 3 types with distinct expression programs are learnable
+
+
+def test_negative_values_are_refused_before_training(tmp_path, pbmc):
+    path = tmp_path / "scaled.h5ad"
+    pbmc.write_h5ad(path)  # .X of pbmc68k_reduced is scaled: negative values
+    with pytest.raises(ValueError, match="negative values"):
+        run(compose_train(FAST + ["data=h5ad", f"data.path={path}", "data.layer=X", "data.label_key=bulk_labels"],
+                          tmp_path / "o"))
+
+
+@pytest.mark.slow
+def test_cli_overrides_the_issue_lists(tmp_path):
+    res = run_train_cli(["lora.r=4", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["finetune"]["r"] == 4 and metrics["epochs_trained"] == 1
+    assert "BASE MODEL IS NOT SCIMILARITY" in res.stderr + res.stdout
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_multirun_gives_one_run_dir_per_value(tmp_path):
+    res = run_train_cli(["--multirun", "model=tiny", "trainer.max_epochs=1", "lora.r=2,4",
+                         f"hydra.sweep.dir={tmp_path}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = sorted(json.loads((tmp_path / str(i) / "metrics.json").read_text())["finetune"]["r"] for i in (0, 1))
+    assert ranks == [2, 4]
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_is_written(tmp_path):
+    res = run_train_cli(["model=tiny", "trainer.max_epochs=1", "logger=wandb", f"hydra.run.dir={tmp_path}"],
+                        env={"WANDB_MODE": "offline"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+
+
+@pytest.mark.slow
+def test_full_size_encoder_smoke(tmp_path, real_gene_order):
+    from conftest import SHARED_GENE_ORDER
+
+    cfg = compose_train(["model=scimilarity_full", f"model.gene_order_file={SHARED_GENE_ORDER}",
+                         "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                         "trainer.enable_progress_bar=false", "lora.r=8"], tmp_path)
+    run(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["gene_overlap"]["n_overlap"] == 716 and metrics["gene_overlap"]["n_model_genes"] == 28231
+    lora_params = 8 * (28231 + 1024) + 2 * 8 * (1024 + 1024) + 8 * (1024 + 128)
+    head = 129 * 10
+    assert metrics["trainable_params"] == lora_params + head
+    assert 31.0e6 < metrics["total_params"] - lora_params - head < 31.2e6
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_two_processes(tmp_path):
+    res = run_train_cli(["model=tiny", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                         "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "MEMBER: 2/2" in res.stderr + res.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs_trained"] == 2 and 0 <= metrics["test/accuracy"] <= 1
