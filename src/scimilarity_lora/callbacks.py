@@ -52,3 +52,16 @@ class MetricsHistory(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict["rows"])
+
+
+class SetDatasetEpoch(L.Callback):
+    """Before each training epoch, tell an iterable train dataset which epoch it is (for its shuffle).
+
+    Lightning creates the epoch's iterator (and its workers) after ``on_train_epoch_start`` for epochs > 0.
+    """
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule is not None else None
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(trainer.current_epoch)

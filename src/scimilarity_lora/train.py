@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from scimilarity_lora.artifact import classifier_from_checkpoint, save_model_dir
-from scimilarity_lora.callbacks import MetricsHistory, TrainingSpeed
+from scimilarity_lora.callbacks import MetricsHistory, SetDatasetEpoch, TrainingSpeed
 from scimilarity_lora.encoder import EncoderConfig
 from scimilarity_lora.lora import FinetuneConfig, resolve_target_modules
 from scimilarity_lora.plots import plot_confusion_matrix, plot_learning_curves
@@ -68,7 +68,7 @@ def run(cfg: DictConfig) -> float | None:
 
     extra: dict[str, Any] = {}
     if cfg.model.class_weights:
-        extra["class_weights"] = class_weights(datamodule.datasets["train"].y.numpy(), len(datamodule.labels))
+        extra["class_weights"] = class_weights(datamodule.train_labels(), len(datamodule.labels))
     model = instantiate(cfg.model.classifier, _partial_=True)(
         encoder_config=base.encoder.config.to_dict(),
         gene_order=list(base.genes),
@@ -83,7 +83,7 @@ def run(cfg: DictConfig) -> float | None:
     log.info("parameters: %s trainable / %s total", f"{params['trainable_params']:,}", f"{params['total_params']:,}")
 
     speed, history = TrainingSpeed(), MetricsHistory()
-    callbacks = _instantiate_all(cfg.get("callbacks")) + [speed, history]
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [speed, history, SetDatasetEpoch()]
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:

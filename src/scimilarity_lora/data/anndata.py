@@ -231,6 +231,10 @@ class AnnDataModule(L.LightningDataModule):
             "classes": list(self.labels.classes),
         }
 
+    def train_labels(self) -> np.ndarray:
+        """Encoded labels of the training split (for class weights)."""
+        return self.datasets["train"].y.numpy()
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,

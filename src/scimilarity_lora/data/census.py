@@ -1,0 +1,233 @@
+"""A LightningDataModule that streams train/val/test splits out of the CELLxGENE Census with tiledbsoma-ml.
+
+Only ``obs`` metadata of the slice (join id, label, donor) is read up front, to split by donor and fix the label
+encoding; expression is streamed in IO batches and normalised per mini-batch with the same
+:mod:`~scimilarity_lora.genes` alignment and :mod:`~scimilarity_lora.preprocess` code as every other path. ``var``
+is restricted to the model's genes, so only needed columns are read.
+
+``uri`` opens a local or mirrored copy fully offline (``cellxgene_census.open_soma(uri=...)``); without it,
+``census_version`` is opened from the Census servers.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from attrs import evolve
+from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
+
+from scimilarity_lora.data.anndata import DataError
+from scimilarity_lora.data.splits import Splits, split_cells
+from scimilarity_lora.genes import GeneAlignment, align_genes
+from scimilarity_lora.labels import LabelEncoder, LabelError, drop_rare_classes
+from scimilarity_lora.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+#: Healthy-donor blood, primary data only (no duplicate cells across datasets), dissociated cells.
+DEFAULT_FILTER = ("tissue_general == 'blood' and disease == 'normal' and is_primary_data == True "
+                  "and suspension_type == 'cell'")
+
+
+class EpochShuffledExperimentDataset(ExperimentDataset):
+    """tiledbsoma-ml 0.1.0 shuffles with ``seed`` alone, so every epoch had the same order; fold the epoch in.
+
+    The shuffle stays identical on every DDP rank and worker for a given (seed, epoch), which keeps the rank
+    partitions disjoint. :class:`~scimilarity_lora.callbacks.SetDatasetEpoch` sets the epoch from the trainer
+    before each epoch's iterator is created (so it also holds with DataLoader workers and partial epochs).
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.epoch
+        yield from ExperimentDataset.__iter__(evolve(self, seed=int(self.seed) + epoch))
+        self.epoch = epoch + 1
+
+
+class CensusBatch:
+    """Collate for tiledbsoma-ml mini-batches: (CSR counts, obs) -> (encoder input, label ids). Picklable."""
+
+    def __init__(self, alignment: GeneAlignment, preprocessing: Preprocessing, label_key: str, classes: list[str]):
+        self.alignment, self.preprocessing, self.label_key = alignment, preprocessing, label_key
+        self.classes = classes
+
+    def __call__(self, batch: tuple[Any, pd.DataFrame]) -> tuple[torch.Tensor, torch.Tensor]:
+        X, obs = batch
+        x = self.preprocessing(self.alignment.apply(X))  # validates each batch: the store is never read whole
+        codes = pd.Categorical(obs[self.label_key].astype(str), categories=self.classes).codes
+        return x, torch.from_numpy(np.array(codes, dtype=np.int64))
+
+
+class CensusDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        uri: str | None = None,
+        census_version: str = "2025-11-08",
+        organism: str = "homo_sapiens",
+        measurement: str = "RNA",
+        X_layer: str = "raw",
+        obs_value_filter: str = DEFAULT_FILTER,
+        dataset_id: str | None = None,
+        label_key: str = "cell_type",
+        donor_key: str = "donor_id",
+        min_cells_per_class: int = 10,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        batch_size: int = 128,
+        io_batch_size: int = 16384,
+        shuffle_chunk_size: int = 64,
+        num_workers: int = 0,
+        use_eager_fetch: bool = True,
+        tiledb_config: dict | None = None,
+        min_gene_overlap: int = 50,
+        min_gene_overlap_fraction: float = 0.0,
+        target_sum: float = 1e4,
+    ) -> None:
+        super().__init__()
+        if io_batch_size % shuffle_chunk_size:
+            raise ValueError(f"data.io_batch_size ({io_batch_size}) must be a multiple of "
+                             f"data.shuffle_chunk_size ({shuffle_chunk_size})")
+        self.uri, self.census_version, self.organism = uri, census_version, organism
+        self.measurement, self.X_layer = measurement, X_layer
+        self.obs_value_filter = obs_value_filter
+        if dataset_id:
+            self.obs_value_filter = f"({obs_value_filter}) and dataset_id == '{dataset_id}'"
+        self.label_key, self.donor_key, self.min_cells_per_class = label_key, donor_key, min_cells_per_class
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.batch_size, self.io_batch_size, self.shuffle_chunk_size = batch_size, io_batch_size, shuffle_chunk_size
+        self.num_workers, self.use_eager_fetch = num_workers, use_eager_fetch
+        self.tiledb_config = dict(tiledb_config) if tiledb_config else None
+        self.min_gene_overlap, self.min_gene_overlap_fraction = min_gene_overlap, min_gene_overlap_fraction
+        self.preprocessing = Preprocessing(target_sum=target_sum, input_is_log1p=False)  # Census X['raw'] is counts
+        self.gene_order: list[str] | None = None
+        self.labels: LabelEncoder | None = None
+        self.alignment: GeneAlignment | None = None
+        self.splits: Splits | None = None
+        self.split_joinids: dict[str, np.ndarray] = {}
+        self.datasets: dict[str, EpochShuffledExperimentDataset] = {}
+
+    # -- opening -------------------------------------------------------------------------------------------------
+    def open(self):
+        import cellxgene_census
+
+        if self.uri:
+            if "://" not in self.uri and not Path(self.uri).exists():
+                raise DataError(f"no SOMA store at {self.uri}")
+            return cellxgene_census.open_soma(uri=self.uri, tiledb_config=self.tiledb_config)
+        return cellxgene_census.open_soma(census_version=self.census_version, tiledb_config=self.tiledb_config)
+
+    def _var(self, exp) -> pd.DataFrame:
+        var = exp.ms[self.measurement].var.read(column_names=["soma_joinid", "feature_id", "feature_name"])
+        return var.concat().to_pandas().sort_values("soma_joinid").reset_index(drop=True)
+
+    def data_genes(self) -> list[str]:
+        with self.open() as census:
+            return self._var(census["census_data"][self.organism])["feature_name"].astype(str).tolist()
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Build datasets here (not in __init__): tiledbsoma-ml shards by DDP rank when a dataset is built."""
+        if self.datasets:
+            return
+        if self.gene_order is None:
+            raise RuntimeError("CensusDataModule.gene_order must be set to the model's genes before setup()")
+        import tiledbsoma as soma
+
+        with self.open() as census:
+            exp = census["census_data"][self.organism]
+            var = self._var(exp)
+            model_genes = set(self.gene_order)
+            keep_var = var["feature_name"].isin(model_genes) | var["feature_id"].isin(model_genes)
+            var = var[keep_var].reset_index(drop=True)
+            self.alignment = align_genes(
+                var["feature_name"].astype(str).tolist(), self.gene_order,
+                data_gene_ids=var["feature_id"].astype(str).tolist(),
+                min_overlap=self.min_gene_overlap, min_overlap_fraction=self.min_gene_overlap_fraction,
+            )
+            obs = self._obs(exp)
+            self._split(obs)
+            with exp.axis_query(
+                self.measurement,
+                obs_query=soma.AxisQuery(coords=(self.split_joinids["train"],)),
+                var_query=soma.AxisQuery(coords=(var["soma_joinid"].to_numpy(),)),
+            ) as query:
+                base = EpochShuffledExperimentDataset(
+                    query, layer_name=self.X_layer, obs_column_names=["soma_joinid", self.label_key],
+                    batch_size=self.batch_size, io_batch_size=self.io_batch_size,
+                    shuffle_chunk_size=self.shuffle_chunk_size, seed=self.seed, return_sparse_X=True,
+                    use_eager_fetch=self.use_eager_fetch, shuffle=True,
+                )
+        for name, joinids in self.split_joinids.items():
+            ids = evolve(base.query_ids, obs_joinids=joinids)
+            self.datasets[name] = evolve(base, query_ids=ids, shuffle=name == "train")
+        log.info("census slice %r: train/val/test = %s cells, %d classes, %d of %d model genes present",
+                 self.obs_value_filter, [len(v) for v in self.split_joinids.values()], len(self.labels),
+                 self.alignment.n_overlap, len(self.gene_order))
+
+    def _obs(self, exp) -> pd.DataFrame:
+        columns = ["soma_joinid", self.label_key] + ([self.donor_key] if self.donor_key else [])
+        names = set(exp.obs.schema.names)
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise LabelError(f"obs columns {missing} not in the Census obs; available: {sorted(names)}")
+        try:
+            obs = exp.obs.read(value_filter=self.obs_value_filter, column_names=columns).concat().to_pandas()
+        except Exception as e:  # tiledbsoma raises SOMAError/ValueError for malformed filters
+            raise DataError(f"invalid data.obs_value_filter {self.obs_value_filter!r}: {e}") from e
+        if obs.empty:
+            raise DataError(f"no cells match data.obs_value_filter {self.obs_value_filter!r}")
+        return obs.sort_values("soma_joinid").reset_index(drop=True)
+
+    def _split(self, obs: pd.DataFrame) -> None:
+        """Drop rare classes, split by donor; a pure function of (obs, seed): identical on every rank."""
+        labels = obs[self.label_key].astype(str).to_numpy()
+        keep, dropped = drop_rare_classes(labels, self.min_cells_per_class)
+        if dropped:
+            log.warning("dropping classes with fewer than %d cells: %s", self.min_cells_per_class, dropped)
+        obs, labels = obs[keep].reset_index(drop=True), labels[keep]
+        self.labels = LabelEncoder.fit(labels)
+        groups = obs[self.donor_key].astype(str).to_numpy() if self.donor_key else None
+        self.splits = split_cells(self.labels.encode(labels), groups=groups, val_fraction=self.val_fraction,
+                                  test_fraction=self.test_fraction, seed=self.seed)
+        joinids = obs["soma_joinid"].to_numpy()
+        self.split_joinids = {k: joinids[v] for k, v in self.splits.as_dict().items()}
+        self._obs_table = obs
+
+    def save_splits(self, path: str | Path) -> Path:
+        frames = [pd.DataFrame({"soma_joinid": ids, "split": name}) for name, ids in self.split_joinids.items()]
+        path = Path(path)
+        pd.concat(frames).to_csv(path, index=False)
+        return path
+
+    def summary(self) -> dict:
+        return {
+            "gene_overlap": self.alignment.summary(),
+            "n_cells": {k: int(len(v)) for k, v in self.split_joinids.items()},
+            "classes": list(self.labels.classes),
+            "census": {"uri": self.uri, "census_version": None if self.uri else self.census_version,
+                       "obs_value_filter": self.obs_value_filter},
+        }
+
+    def train_labels(self) -> np.ndarray:
+        train = self._obs_table.set_index("soma_joinid").loc[self.split_joinids["train"], self.label_key]
+        return self.labels.encode(train.astype(str))
+
+    # -- loaders -------------------------------------------------------------------------------------------------
+    def _loader(self, split: str):
+        collate = CensusBatch(self.alignment, self.preprocessing, self.label_key, list(self.labels.classes))
+        return experiment_dataloader(self.datasets[split], num_workers=self.num_workers, collate_fn=collate)
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")

@@ -1,0 +1,142 @@
+"""Census streaming through the real code path (cellxgene_census.open_soma + tiledbsoma-ml), on a local store."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+
+from helpers import FAST, compose_train
+from scimilarity_lora.data.anndata import DataError
+from scimilarity_lora.data.census import CensusBatch, CensusDataModule
+from scimilarity_lora.data.soma_store import OBS_COLUMNS, pbmc_counts, write_census_store
+from scimilarity_lora.labels import LabelError
+from scimilarity_lora.preprocess import Preprocessing
+from scimilarity_lora.train import run
+
+
+@pytest.fixture(scope="session")
+def store_adata():
+    return pbmc_counts(n_cells=3000, n_donors=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, store_adata):
+    return write_census_store(store_adata, tmp_path_factory.mktemp("census") / "soma")
+
+
+def datamodule(store, genes, **kw):
+    dm = CensusDataModule(uri=str(store), batch_size=64, io_batch_size=512, seed=0, **kw)
+    dm.gene_order = genes
+    dm.setup("fit")
+    return dm
+
+
+def joinids_of(dataset, epoch):
+    dataset.set_epoch(epoch)
+    return np.concatenate([obs["soma_joinid"].to_numpy() for _, obs in dataset])
+
+
+def test_bundled_pbmc_counts_are_real_integer_counts(pbmc):
+    counts = pbmc_counts()
+    assert np.all(counts.X.data == np.round(counts.X.data)) and counts.X.data.min() >= 1
+    # re-normalising the recovered counts reproduces the shipped log-normalised values (up to their float16-ish precision)
+    ref = Preprocessing(input_is_log1p=True)(sp.csr_matrix(pbmc.raw.X)).numpy()
+    ours = Preprocessing()(counts.X).numpy()
+    np.testing.assert_allclose(ours, ref, atol=2e-3)
+
+
+def test_store_is_census_shaped(store):
+    import cellxgene_census
+
+    with cellxgene_census.open_soma(uri=str(store)) as census:
+        assert set(census.keys()) == {"census_info", "census_data"}
+        assert {"summary", "datasets"} <= set(census["census_info"].keys())
+        exp = census["census_data"]["homo_sapiens"]
+        schema = exp.obs.schema
+        assert set(OBS_COLUMNS) | {"soma_joinid"} <= set(schema.names)
+        assert str(schema.field("cell_type").type).startswith("dictionary")
+        var = exp.ms["RNA"].var.read().concat().to_pandas()
+        assert {"feature_id", "feature_name", "feature_length"} <= set(var.columns)
+        X = exp.ms["RNA"].X["raw"]
+        assert X.schema.field("soma_data").type == "float" and X.shape[0] >= 3000
+
+
+def test_splits_are_by_donor_and_identical_for_every_rank(store, store_adata):
+    genes = list(store_adata.var["feature_name"])
+    a, b = datamodule(store, genes), datamodule(store, genes)
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(a.split_joinids[split], b.split_joinids[split])
+    donors = {k: set(store_adata.obs["donor_id"].iloc[v].astype(str)) for k, v in a.split_joinids.items()}
+    assert not donors["train"] & donors["val"] and not donors["train"] & donors["test"]
+    assert not donors["val"] & donors["test"]
+    assert sum(len(v) for v in a.split_joinids.values()) == 3000 - _rare_cells(store_adata, 10)
+
+
+def _rare_cells(adata, min_cells):
+    counts = adata.obs["cell_type"].value_counts()
+    return int(counts[counts < min_cells].sum())
+
+
+def test_epochs_shuffle_differently_but_cover_the_same_cells(store, store_adata):
+    dm = datamodule(store, list(store_adata.var["feature_name"]))
+    train = dm.datasets["train"]
+    e0, e0_again, e1 = joinids_of(train, 0), joinids_of(train, 0), joinids_of(train, 1)
+    np.testing.assert_array_equal(e0, e0_again)  # deterministic for (seed, epoch)
+    assert not np.array_equal(e0, e1)
+    assert sorted(e0) == sorted(e1) == sorted(dm.split_joinids["train"])
+
+
+def test_ranks_get_disjoint_shards(store, store_adata, monkeypatch):
+    genes = list(store_adata.var["feature_name"])
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        seen.append(set(joinids_of(datamodule(store, genes).datasets["train"], 0)))
+    n_train = len(datamodule(store, genes).split_joinids["train"])
+    assert not seen[0] & seen[1]
+    assert len(seen[0]) == len(seen[1]) and n_train - 1 <= len(seen[0] | seen[1]) <= n_train
+
+
+def test_streamed_batches_equal_the_in_memory_path(store, store_adata, real_gene_order):
+    """Same alignment + preprocessing code: a Census batch equals the AnnData path on the same cells."""
+    dm = datamodule(store, real_gene_order)
+    collate = CensusBatch(dm.alignment, dm.preprocessing, dm.label_key, dm.labels.classes)
+    X, obs = next(iter(dm.datasets["val"]))
+    x, y = collate((X, obs))
+    rows = obs["soma_joinid"].to_numpy()
+    from scimilarity_lora.genes import align_genes
+
+    al = align_genes(list(store_adata.var["feature_name"]), real_gene_order)
+    expected = Preprocessing()(al.apply(store_adata.X[rows])).numpy()
+    assert x.shape == (len(rows), 28231)
+    np.testing.assert_allclose(x.numpy(), expected, atol=1e-5)
+    assert dm.labels.decode(y.tolist()) == list(store_adata.obs["cell_type"].iloc[rows].astype(str))
+    assert dm.alignment.n_overlap == 716
+
+
+def test_bad_inputs(store, store_adata, tmp_path):
+    genes = list(store_adata.var["feature_name"])
+    with pytest.raises(DataError, match="no SOMA store"):
+        datamodule(tmp_path / "nope", genes)
+    with pytest.raises(DataError, match="no cells match"):
+        datamodule(store, genes, obs_value_filter="tissue_general == 'lung'")
+    with pytest.raises(DataError, match="invalid data.obs_value_filter"):
+        datamodule(store, genes, obs_value_filter="tissue_general === 'blood'")
+    with pytest.raises(LabelError, match="cell_typo"):
+        datamodule(store, genes, label_key="cell_typo")
+
+
+def test_train_on_census_store(store, tmp_path):
+    out = tmp_path / "run"
+    run(compose_train(FAST + ["data=census", f"data.uri={store}", "data.io_batch_size=1024"], out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["census"]["uri"] == str(store) and metrics["census"]["census_version"] is None
+    assert sum(metrics["n_cells"].values()) > 2900 and metrics["epochs_trained"] == 2
+    splits = pd.read_csv(out / "splits.csv")
+    assert set(splits["split"]) == {"train", "val", "test"} and splits["soma_joinid"].is_unique
