@@ -14,7 +14,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -38,6 +38,10 @@ def read_gene_order(path: str | Path) -> list[str]:
     if dupes:
         raise GeneAlignmentError(f"gene order file {path} lists genes more than once: {dupes[:10]}")
     return genes
+
+
+def gene_positions(genes: Sequence[str]) -> dict[str, int]:
+    return {g: i for i, g in enumerate(genes)}
 
 
 def write_gene_order(genes: Sequence[str], path: str | Path) -> None:
@@ -106,11 +110,14 @@ def align_genes(
     data_gene_ids: Sequence[str] | None = None,
     min_overlap: int = 1,
     min_overlap_fraction: float = 0.0,
+    model_positions: Mapping[str, int] | None = None,
 ) -> GeneAlignment:
     """Match dataset genes to the model's gene order by symbol (and by Ensembl id if ``data_gene_ids``).
 
     ``model_genes`` may hold symbols and/or Ensembl ids; a dataset gene matches if either its symbol or its id is
     in the model. Raises :class:`GeneAlignmentError` for duplicated dataset genes or an overlap below the minimum.
+    ``model_positions`` (gene -> index in ``model_genes``) may be passed by callers that align many small gene
+    lists against one model (the service), so the 28k-entry map is built once.
     """
     data_genes = [str(g) for g in data_genes]
     dupes = sorted(g for g, n in Counter(data_genes).items() if n > 1)
@@ -119,7 +126,7 @@ def align_genes(
             f"{len(dupes)} gene names occur more than once in the data (e.g. {dupes[:5]}); "
             "SCimilarity needs one column per gene. Sum or drop the duplicates first."
         )
-    position = {g: i for i, g in enumerate(model_genes)}
+    position = model_positions if model_positions is not None else gene_positions(model_genes)
     ids = [str(g) for g in data_gene_ids] if data_gene_ids is not None else [None] * len(data_genes)
     if len(ids) != len(data_genes):
         raise GeneAlignmentError("data_gene_ids must have one entry per gene")
@@ -143,7 +150,7 @@ def align_genes(
         target.append(j)
 
     alignment = GeneAlignment(
-        model_genes=tuple(model_genes),
+        model_genes=model_genes if isinstance(model_genes, tuple) else tuple(model_genes),
         source_index=np.asarray(source, dtype=np.int64),
         target_index=np.asarray(target, dtype=np.int64),
         n_source=len(data_genes),
@@ -164,7 +171,7 @@ def align_genes(
             f"(min_overlap={min_overlap}, min_overlap_fraction={min_overlap_fraction}). "
             f"First data genes: {data_genes[:5]}.{hint}"
         )
-    log.info(
+    (log.debug if model_positions is not None else log.info)(
         "gene alignment: %d of %d model genes present (%.1f%%); %d data genes not in the model",
         alignment.n_overlap, len(model_genes), 100 * alignment.overlap_fraction, len(unknown),
     )

@@ -17,7 +17,7 @@ import torch
 
 from scimilarity_lora.artifact import read_model_dir
 from scimilarity_lora.encoder import Encoder, EncoderConfig, load_encoder_weights
-from scimilarity_lora.genes import GeneAlignment, align_genes
+from scimilarity_lora.genes import GeneAlignment, align_genes, gene_positions
 from scimilarity_lora.module import ClassifierHead
 from scimilarity_lora.preprocess import Preprocessing
 
@@ -28,7 +28,8 @@ class CellTypePredictor:
     def __init__(self, encoder: Encoder, head: ClassifierHead, genes: list[str], classes: list[str],
                  preprocessing: Preprocessing, config: dict | None = None) -> None:
         self.encoder, self.head = encoder.eval(), head.eval()
-        self.genes, self.classes, self.preprocessing = genes, classes, preprocessing
+        self.genes, self.classes, self.preprocessing = tuple(genes), classes, preprocessing
+        self.gene_positions = gene_positions(self.genes)
         self.config = config or {}
         self._alignments: dict[tuple, GeneAlignment] = {}
 
@@ -51,7 +52,7 @@ class CellTypePredictor:
             if len(self._alignments) > 64:
                 self._alignments.clear()
             self._alignments[key] = align_genes(data_genes, self.genes, data_gene_ids=data_gene_ids,
-                                                min_overlap=min_overlap)
+                                                min_overlap=min_overlap, model_positions=self.gene_positions)
         return self._alignments[key]
 
     def featurize(self, X: sp.spmatrix | np.ndarray, alignment: GeneAlignment, input_is_log1p: bool = False) -> torch.Tensor:

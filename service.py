@@ -1,0 +1,5 @@
+"""Entry point for `bentoml serve` / `bentoml build` from the repository root (see bentofile.yaml)."""
+
+from scimilarity_lora.service import SCimilarityLoRA
+
+__all__ = ["SCimilarityLoRA"]

@@ -1,0 +1,186 @@
+"""A real `bentoml serve` on 127.0.0.1, driven over HTTP, with a model trained in this test session."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from helpers import FAST, REPO, compose_train
+from scimilarity_lora.predictor import CellTypePredictor
+from scimilarity_lora.train import run
+
+BODY_CAP = 300_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    run(compose_train(FAST + ["trainer.max_epochs=3"], root / "run"))
+    env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+           "SCIMILARITY_LORA_MAX_BODY_BYTES": str(BODY_CAP), "SCIMILARITY_LORA_MAX_CELLS": "500"}
+    tag = subprocess.run([sys.executable, "-m", "scimilarity_lora.export", str(root / "run")], env=env, cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    env["SCIMILARITY_LORA_MODEL"] = tag
+    port = free_port()
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:  # not listening yet, or busy starting
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError((root / "serve.log").read_text()[-3000:])
+        time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise RuntimeError("bentoml serve did not become ready:\n" + (root / "serve.log").read_text()[-3000:])
+    yield {"url": url, "tag": tag, "predictor": CellTypePredictor.load(root / "run" / "model")}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def post(served, route, payload=None, data=None, timeout=30):
+    return requests.post(f"{served['url']}{route}", json=payload, data=data, timeout=timeout,
+                         headers={"content-type": "application/json"})
+
+
+def error_text(response) -> str:
+    body = response.json()
+    body = body[0] if isinstance(body, list) else body  # BentoML wraps InvalidArgument messages in a list
+    return json.dumps(body)
+
+
+def test_the_seeds_curl_example(served):
+    r = post(served, "/predict", {"expression": {"CD3D": 1.2, "GNLY": 0.1, "MS4A1": 3.4, "CD14": 0.0}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    classes = served["predictor"].classes
+    assert body["cell_type"] in classes and 0 < body["confidence"] <= 1
+    probs = [t["probability"] for t in body["top_k"]]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and body["top_k"][0]["cell_type"] == body["cell_type"]
+    assert body["genes_used"] == 3 and body["genes_unknown"] == ["CD14"]  # CD14 is not among the 765 genes
+    assert body["values"] == "counts"
+
+
+def _cells(pbmc, n=12):
+    X = pbmc.raw.X[:n].tocsr()
+    genes = np.asarray(pbmc.raw.var_names)
+    return X, [dict(zip(genes[row.indices].tolist(), row.data.tolist())) for row in X]
+
+
+def test_predictions_equal_the_in_process_model(served, pbmc):
+    X, cells = _cells(pbmc)
+    expected, _ = served["predictor"].predict(X, list(pbmc.raw.var_names), input_is_log1p=True)
+    classes = served["predictor"].classes
+    for i, expression in enumerate(cells):
+        body = post(served, "/predict", {"expression": expression, "values": "log1p", "top_k": 1}).json()
+        assert body["cell_type"] == classes[int(expected[i].argmax())]
+        assert body["confidence"] == pytest.approx(float(expected[i].max()), abs=1e-5)
+    batch = post(served, "/predict_batch", {"cells": [{"expression": e} for e in cells], "values": "log1p"}).json()
+    assert [p["cell_type"] for p in batch["predictions"]] == [classes[int(i)] for i in expected.argmax(1)]
+    sparse = {"genes": list(pbmc.raw.var_names), "indptr": X.indptr.tolist(), "indices": X.indices.tolist(),
+              "data": X.data.tolist()}
+    compact = post(served, "/predict_batch", {"sparse": sparse, "values": "log1p", "top_k": 10}).json()
+    assert compact["n_cells"] == len(cells)
+    for p, e in zip(compact["predictions"], expected):
+        assert {t["cell_type"]: t["probability"] for t in p["top_k"]} == pytest.approx(
+            dict(zip(classes, e.tolist())), abs=1e-5)
+
+
+def test_embed_matches_the_in_process_encoder(served, pbmc):
+    X, cells = _cells(pbmc, 3)
+    _, expected = served["predictor"].predict(X, list(pbmc.raw.var_names), input_is_log1p=True)
+    for e, want in zip(cells, expected):
+        body = post(served, "/embed", {"expression": e, "values": "log1p"}).json()
+        assert body["dim"] == len(want) == 16
+        np.testing.assert_allclose(body["embedding"], want, atol=1e-5)
+        assert np.linalg.norm(body["embedding"]) == pytest.approx(1, abs=1e-5)
+
+
+def test_metadata_and_health(served):
+    meta = requests.get(f"{served['url']}/v1/metadata", timeout=10).json()
+    assert meta["model_tag"] == served["tag"] and meta["n_genes"] == 765
+    assert meta["classes"] == served["predictor"].classes and "val/macro_f1" in meta["training_metrics"]
+    assert requests.get(f"{served['url']}/healthz", timeout=10).status_code == 200
+
+
+def test_openapi_describes_the_inputs(served):
+    spec = requests.get(f"{served['url']}/docs.json", timeout=10).json()
+    assert {"/predict", "/predict_batch", "/embed"} <= set(spec["paths"])
+    text = json.dumps(spec)
+    for word in ("expression", "log1p", "indptr", "top_k"):
+        assert word in text
+
+
+BAD = [
+    ("/predict", {"expression": {}}, "at least 1 item"),
+    ("/predict", {"expression": {"NOT_A_GENE": 3.0}}, "none of the 1 genes"),
+    ("/predict", '{"expression": {"CD3D": NaN}}', "finite number"),
+    ("/predict", '{"expression": {"CD3D": Infinity}}', "finite number"),
+    ("/predict", {"expression": {"CD3D": -2.0}}, "negative values"),
+    ("/predict", {"expression": {"CD3D": "lots"}}, "valid number"),
+    ("/predict", {"expression": [["CD3D", 1.0]]}, "Input should be an object"),
+    ("/predict", {"expression": {"CD3D": 1.0}, "species": "human"}, "Extra inputs are not permitted"),
+    ("/predict", {"expression": {"CD3D": 1.0}, "values": "tpm"}, "counts"),
+    ("/predict", {"expression": {"CD3D": 1.0}, "top_k": 0}, "greater than or equal to 1"),
+    ("/predict", {"expression": {"CD3D": 500.0}, "values": "log1p"}, "look like raw counts"),
+    ("/predict", '{"expression": {"CD3D": 1.0', "Invalid JSON"),
+    ("/predict", "[]", "Input should be an object"),
+    ("/embed", {"expression": {"CD3D": -1}}, "negative values"),
+    ("/predict_batch", {"cells": [{"expression": {"CD3D": 1.0}}, {"expression": {"CD3D": 2.0}},
+                                  {"expression": {"CD3D": -3.0}}]}, "cell 2: "),
+    ("/predict_batch", {"cells": [{"expression": {"CD3D": 1.0}}, {"expression": {"XYZ": 2.0}}]}, "cell 1: none"),
+    ("/predict_batch", {}, "exactly one of"),
+    ("/predict_batch", {"cells": []}, "at least 1 item"),
+    ("/predict_batch", {"sparse": {"genes": ["CD3D"], "indptr": [0, 2], "indices": [0], "data": [1.0]}}, "indptr"),
+    ("/predict_batch", {"sparse": {"genes": ["CD3D"], "indptr": [0, 1], "indices": [4], "data": [1.0]}}, "cell 0"),
+    ("/predict_batch", {"sparse": {"genes": ["CD3D", "GNLY"], "indptr": [0, 1, 2], "indices": [0, 1],
+                                   "data": [1.0, -1.0]}}, "cell 1: negative"),
+    ("/predict_batch", {"cells": [{"expression": {"CD3D": 1.0}}] * 501}, "at most 500"),
+]
+
+
+@pytest.mark.parametrize("route, payload, message", BAD, ids=[f"{i}-{b[2][:20]}" for i, b in enumerate(BAD)])
+def test_bad_input_is_a_4xx_with_a_message(served, route, payload, message):
+    r = post(served, route, data=payload) if isinstance(payload, str) else post(served, route, payload)
+    assert r.status_code == 400, r.text
+    assert message in error_text(r)
+
+
+def test_oversized_payload_is_refused(served):
+    expression = {f"GENE{i}": 1.0 for i in range(20_000)}  # ~350 kB > the 300 kB cap set for this server
+    r = post(served, "/predict", {"expression": expression})
+    assert r.status_code == 413 and "larger than" in r.json()["error"]
+    assert post(served, "/predict", {"expression": {"CD3D": 1.0}}).status_code == 200  # still serving
+
+
+def test_concurrent_single_cell_requests_all_succeed(served, pbmc):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, cells = _cells(pbmc, 64)
+    with ThreadPoolExecutor(32) as pool:
+        codes = list(pool.map(lambda e: post(served, "/predict", {"expression": e, "values": "log1p"}).status_code,
+                              cells * 2))
+    assert codes == [200] * 128
