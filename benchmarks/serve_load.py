@@ -1,0 +1,189 @@
+"""Load on a real `bentoml serve` (127.0.0.1): single-cell /predict at several concurrencies for a bounded time,
+batch /predict_batch throughput, and the in-process model as the ceiling, all in one run. Prints one JSON line.
+
+    python benchmarks/serve_load.py                       # trains the default demo model first (~15 s)
+    python benchmarks/serve_load.py --run-dir outputs/runs/<date>/<time> --seconds 20
+
+The load client runs on the same 2 cores as the server, so absolute numbers are a floor for a real deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run_dir: Path, home: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    tag = subprocess.run([sys.executable, "-m", "scimilarity_lora.export", str(run_dir)], env=env, cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    env["SCIMILARITY_LORA_MODEL"] = tag
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=REPO, env=env, stdout=open(home / "serve.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    import requests
+
+    for _ in range(240):
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError("server did not start: " + (home / "serve.log").read_text()[-2000:])
+
+
+async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float, route: str,
+               cells_per_request: int = 1, server_log: Path | None = None) -> dict:
+    """Bodies are JSON-encoded once up front: the client must not eat the server's CPU on every request.
+
+    aiohttp, not httpx: on 2 shared cores httpx's client overhead dominated at 64 connections.
+    """
+    import aiohttp
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    cells = 0
+    deadline = time.perf_counter() + seconds
+    log_start = len(server_log.read_text().splitlines()) if server_log else 0
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=60),
+                                     headers={"content-type": "application/json"}) as client:
+        async def worker(k: int) -> None:
+            nonlocal cells
+            i = k
+            while time.perf_counter() < deadline:
+                body = payloads[i % len(payloads)]
+                i += concurrency
+                t0 = time.perf_counter()
+                try:
+                    async with client.post(route, data=body) as r:
+                        await r.read()
+                        code = r.status
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    code = type(e).__name__
+                latencies.append(time.perf_counter() - t0)
+                if code == 200:
+                    cells += cells_per_request
+                else:
+                    errors[str(code)] = errors.get(str(code), 0) + 1
+
+        t_start = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        elapsed = time.perf_counter() - t_start
+    lat = np.asarray(latencies) * 1000
+    out = {"concurrency": concurrency, "requests": len(lat), "errors": sum(errors.values()), "error_codes": errors,
+           "req_per_s": round(len(lat) / elapsed, 1), "cells_per_s": round(cells / elapsed, 1),
+           "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2)}
+    if server_log:  # BentoML's access log: time spent inside the server, without the client's share
+        time.sleep(0.5)
+        lines = server_log.read_text().splitlines()[log_start:]
+        ms = [float(m.group(1)) for line in lines if f"path={route}," in line
+              and (m := re.search(r"\) ([0-9.]+)ms", line))]
+        if ms:
+            out["server_p50_ms"] = round(float(np.percentile(ms, 50)), 2)
+            out["server_p99_ms"] = round(float(np.percentile(ms, 99)), 2)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--batch-cells", type=int, default=256)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    run_dir = Path(args.run_dir) if args.run_dir else work / "run"
+    if not args.run_dir:
+        subprocess.run([sys.executable, "train.py", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"],
+                       cwd=REPO, check=True, capture_output=True)
+
+    import torch
+
+    from scimilarity_lora.data.soma_store import pbmc_counts
+    from scimilarity_lora.predictor import CellTypePredictor
+
+    counts = pbmc_counts()  # the bundled PBMCs as raw integer counts: what clients send (values='counts')
+    X = counts.X.tocsr()
+    genes = np.asarray(counts.var["feature_name"])
+    singles = [json.dumps({"expression": dict(zip(genes[r.indices].tolist(), r.data.astype(int).tolist()))}).encode()
+               for r in X]
+    batches = []
+    for s in range(0, X.shape[0] - args.batch_cells + 1, args.batch_cells):
+        B = X[s:s + args.batch_cells]
+        batches.append(json.dumps({"sparse": {"genes": genes.tolist(), "indptr": B.indptr.tolist(),
+                                              "indices": B.indices.tolist(), "data": B.data.astype(int).tolist()},
+                                   "top_k": 1}).encode())
+
+    # the ceiling: the same exported model in process, forward only and featurise + forward
+    predictor = CellTypePredictor.load(run_dir / "model")
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    alignment = predictor.alignment(list(genes))
+    x = predictor.featurize(X[: args.batch_cells], alignment)
+    for _ in range(3):
+        predictor.forward(x)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 3:
+        predictor.forward(x)
+        n += x.shape[0]
+    forward_cps = n / (time.perf_counter() - t0)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 3:
+        predictor.forward(predictor.featurize(X[: args.batch_cells], alignment))
+        n += args.batch_cells
+    featurize_forward_cps = n / (time.perf_counter() - t0)
+
+    port = free_port()
+    proc = start_server(run_dir, work, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(load(url, singles[:50], 4, 2, "/predict"))  # warm-up
+        log = work / "serve.log"
+        single = [asyncio.run(load(url, singles, int(c), args.seconds, "/predict", server_log=log))
+                  for c in args.concurrency.split(",")]
+        batch = asyncio.run(load(url, batches, 2, args.seconds, "/predict_batch", args.batch_cells, server_log=log))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+    result = {
+        "benchmark": "serve_load", "model_genes": len(predictor.genes), "classes": len(predictor.classes),
+        "seconds_per_level": args.seconds, "single": single, "batch": batch,
+        "in_process_forward_cells_per_s": round(forward_cps), "in_process_featurize_forward_cells_per_s":
+            round(featurize_forward_cps),
+        "served_batch_over_in_process_forward": round(batch["cells_per_s"] / forward_cps, 3),
+        "served_batch_over_in_process_featurize_forward": round(batch["cells_per_s"] / featurize_forward_cps, 3),
+        "total_errors": sum(s["errors"] for s in single) + batch["errors"],
+        "command": " ".join(["python", *sys.argv]),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
