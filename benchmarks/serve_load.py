@@ -178,6 +178,8 @@ def main() -> None:
         "served_batch_over_in_process_forward": round(batch["cells_per_s"] / forward_cps, 3),
         "served_batch_over_in_process_featurize_forward": round(batch["cells_per_s"] / featurize_forward_cps, 3),
         "total_errors": sum(s["errors"] for s in single) + batch["errors"],
+        "server_env": {k: os.environ[k] for k in ("SCIMILARITY_LORA_WORKERS", "SCIMILARITY_LORA_TORCH_THREADS")
+                       if k in os.environ},
         "command": " ".join(["python", *sys.argv]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

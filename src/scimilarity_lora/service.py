@@ -48,6 +48,7 @@ MAX_NNZ = int(os.environ.get("SCIMILARITY_LORA_MAX_NNZ", "5000000"))
 MAX_BODY_BYTES = int(os.environ.get("SCIMILARITY_LORA_MAX_BODY_BYTES", str(64 * 1024 * 1024)))
 MAX_BATCH_ROWS = int(os.environ.get("SCIMILARITY_LORA_MAX_BATCH_ROWS", "256"))
 THREADS = int(os.environ.get("SCIMILARITY_LORA_TORCH_THREADS", str(min(4, os.cpu_count() or 1))))
+WORKERS = int(os.environ.get("SCIMILARITY_LORA_WORKERS", "1"))
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Values = Literal["counts", "log1p"]
@@ -189,7 +190,7 @@ info_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"])])
 
 
 @bentoml.asgi_app(info_app, path="/v1")
-@bentoml.service(traffic={"timeout": 120, "max_concurrency": 512}, workers=1)
+@bentoml.service(traffic={"timeout": 120, "max_concurrency": 512}, workers=WORKERS)
 class SCimilarityLoRA:
     """Cell-type annotation with a LoRA-fine-tuned SCimilarity encoder."""
 
