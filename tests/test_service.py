@@ -184,3 +184,63 @@ def test_concurrent_single_cell_requests_all_succeed(served, pbmc):
         codes = list(pool.map(lambda e: post(served, "/predict", {"expression": e, "values": "log1p"}).status_code,
                               cells * 2))
     assert codes == [200] * 128
+
+
+# -- property-based fuzzing: whatever arrives, the answer is 200 or a 4xx with a message, never a 5xx or a hang --
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+GENES = ["CD3D", "GNLY", "MS4A1", "CD79A", "LYZ", "NKG7", "FCER1A", "PPBP", "NOT_A_GENE", "", "ENSG00000167286"]
+numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**12),
+                    st.floats(min_value=0, max_value=1e4))
+json_scalars = st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=12))
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                                 st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                           max_leaves=12)
+expressions = st.dictionaries(st.one_of(st.sampled_from(GENES), st.text(max_size=15)),
+                              st.one_of(numbers, json_scalars), max_size=12)
+cell_payloads = st.fixed_dictionaries(
+    {"expression": st.one_of(expressions, json_values)},
+    optional={"values": st.one_of(st.sampled_from(["counts", "log1p"]), json_scalars),
+              "top_k": st.one_of(st.integers(-5, 200), json_scalars),
+              "extra": json_scalars},
+)
+valid_cells = st.fixed_dictionaries(  # well-formed requests, so the success path is fuzzed as much as rejections
+    {"expression": st.dictionaries(st.sampled_from(GENES[:8]), st.floats(0, 1e4), min_size=1)},
+    optional={"values": st.just("counts"), "top_k": st.integers(1, 10)},
+)
+batch_payloads = st.one_of(
+    st.fixed_dictionaries({"cells": st.lists(valid_cells.map(lambda c: {"expression": c["expression"]}),
+                                             min_size=1, max_size=5)}),
+    st.fixed_dictionaries({"cells": st.lists(st.fixed_dictionaries({"expression": expressions}), max_size=5)}),
+    st.fixed_dictionaries({"sparse": st.fixed_dictionaries({
+        "genes": st.lists(st.sampled_from(GENES), max_size=5),
+        "indptr": st.lists(st.integers(-2, 8), max_size=5),
+        "indices": st.lists(st.integers(-2, 8), max_size=8),
+        "data": st.lists(numbers, max_size=8)})}),
+    json_values,
+)
+
+
+def _raw(payload) -> str:
+    return json.dumps(payload, allow_nan=True)  # NaN/Infinity tokens on purpose
+
+
+@settings(max_examples=1200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(route=st.sampled_from(["/predict", "/embed"]), payload=st.one_of(valid_cells, cell_payloads, json_values))
+def test_fuzz_single_cell_endpoints(served, route, payload):
+    r = post(served, route, data=_raw(payload), timeout=20)
+    assert r.status_code in (200, 400, 413), (r.status_code, r.text[:300])
+    if r.status_code != 200:
+        assert error_text(r) and "error" in error_text(r)
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=list(HealthCheck))
+@given(payload=batch_payloads)
+def test_fuzz_batch_endpoint(served, payload):
+    r = post(served, "/predict_batch", data=_raw(payload), timeout=20)
+    assert r.status_code in (200, 400, 413), (r.status_code, r.text[:300])
+    if r.status_code == 200:
+        assert r.json()["n_cells"] == len(r.json()["predictions"])
+    else:
+        assert "error" in error_text(r)

@@ -39,6 +39,10 @@ class MetricsHistory(L.Callback):
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self.start_step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step = int(trainer.global_step)  # > 0 when resumed from a checkpoint
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

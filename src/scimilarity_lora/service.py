@@ -190,7 +190,13 @@ info_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"])])
 
 
 @bentoml.asgi_app(info_app, path="/v1")
-@bentoml.service(traffic={"timeout": 120, "max_concurrency": 512}, workers=WORKERS)
+@bentoml.service(
+    traffic={"timeout": 120, "max_concurrency": 512},
+    workers=WORKERS,
+    metrics={"enabled": os.environ.get("SCIMILARITY_LORA_METRICS", "1") == "1"},
+    logging={"access": {"enabled": os.environ.get("SCIMILARITY_LORA_ACCESS_LOG", "1") == "1"}},
+    monitoring={"enabled": os.environ.get("SCIMILARITY_LORA_MONITORING", "1") == "1"},
+)
 class SCimilarityLoRA:
     """Cell-type annotation with a LoRA-fine-tuned SCimilarity encoder."""
 

@@ -52,8 +52,16 @@ def _instantiate_all(nodes: DictConfig | None) -> list[Any]:
 def run(cfg: DictConfig) -> float | None:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
     finetune = finetune_config(cfg)
+    optimized = cfg.get("optimized_metric")
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.get("resume"):
+        if (out / "metrics.json").is_file():
+            log.info("resume: %s already finished; skipping", out)
+            metrics = json.loads((out / "metrics.json").read_text())
+            return float(metrics[optimized]) if optimized in metrics else None
+        ckpt_path = ckpt_path or ("last" if (out / "checkpoints" / "last.ckpt").is_file() else None)
+    L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
     needs_data_genes = not (cfg.model.pretrained_dir or cfg.model.gene_order_file)
@@ -91,23 +99,22 @@ def run(cfg: DictConfig) -> float | None:
 
     try:
         t0 = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         train_seconds = time.perf_counter() - t0
         checkpoint = trainer.checkpoint_callback
         best_path = checkpoint.best_model_path if checkpoint is not None else ""
         trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
-        metrics = _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, base)
+        metrics = _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, base, history)
         if trainer.is_global_zero:
             _write_outputs(out, cfg, model, datamodule, best_path, metrics, history)
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     finally:
         _finish_wandb(loggers)
-    optimized = cfg.get("optimized_metric")
     return float(metrics[optimized]) if optimized and optimized in metrics else None
 
 
-def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, base) -> dict[str, Any]:
+def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, base, history) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1
     }
@@ -116,6 +123,8 @@ def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_secon
     metrics["val/macro_f1"] = float(best) if best is not None else float(trainer.callback_metrics.get("val/macro_f1", np.nan))
     metrics["best_checkpoint"] = checkpoint.best_model_path if checkpoint is not None else None
     metrics["epochs_trained"] = int(trainer.current_epoch)
+    metrics["global_step"] = int(trainer.global_step)
+    metrics["resumed_from_step"] = history.start_step
     metrics.update(params)
     metrics["train_seconds"] = round(train_seconds, 3)
     metrics["cells_per_second"] = round(speed.cells_per_second, 1)

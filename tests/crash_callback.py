@@ -1,0 +1,15 @@
+"""Fault injection for the resume test: SIGKILL this very training process after a given global step."""
+
+import os
+import signal
+
+import lightning as L
+
+
+class KillAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
