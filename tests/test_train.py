@@ -62,6 +62,8 @@ def test_checkpoint_is_self_contained_and_reproduces_predictions(trained_run, pb
     hp = module.hparams
     assert hp["classes"] == sorted(pbmc.obs["bulk_labels"].unique()) and len(hp["gene_order"]) == 765
     assert hp["preprocessing"] == {"target_sum": 10000.0, "input_is_log1p": False}
+    tracked = [v for k, v in module.state_dict().items() if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(v) == 0 for v in tracked)  # the frozen base's BatchNorm never saw a batch
 
     predictor = CellTypePredictor.load(out / "model")
     test_ids = pd.read_csv(out / "splits.csv").query("split == 'test'")["cell_id"]

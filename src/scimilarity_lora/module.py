@@ -121,6 +121,12 @@ class CellTypeClassifier(L.LightningModule):
             freeze_batchnorm_stats(self.encoder)
         return self
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning restores submodules' train/eval flags directly after validation, bypassing train() above;
+        # re-freezing before every step is what actually guarantees the base's statistics never move.
+        if base_is_frozen(self.finetune):
+            freeze_batchnorm_stats(self.encoder)
+
     # -- steps -----------------------------------------------------------------------------------------------
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = batch

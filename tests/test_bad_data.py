@@ -1,0 +1,104 @@
+"""Every way bad training data can enter gets a clear error or a documented, logged repair."""
+
+import logging
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from conftest import make_counts_adata
+from scimilarity_lora.data.anndata import AnnDataModule
+from scimilarity_lora.data.splits import SplitError, split_cells
+from scimilarity_lora.genes import GeneAlignmentError
+from scimilarity_lora.labels import LabelError
+from scimilarity_lora.preprocess import InvalidExpressionError
+
+
+def setup_module_on(adata, tmp_path, genes=None, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "d.h5ad"
+    adata.write_h5ad(path)
+    params = dict(path=str(path), label_key="cell_type", layer="X", input_is_log1p=False, min_gene_overlap=10)
+    params.update(kw)
+    dm = AnnDataModule(**params)
+    dm.gene_order = genes or list(adata.var_names)
+    dm.setup("fit")
+    return dm
+
+
+def test_a_label_with_one_cell_is_dropped_and_logged(tmp_path, caplog):
+    adata = make_counts_adata(n_cells=200)
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.add_categories(["singleton"])
+    adata.obs.iloc[0, adata.obs.columns.get_loc("cell_type")] = "singleton"
+    with caplog.at_level(logging.WARNING):
+        dm = setup_module_on(adata, tmp_path, min_cells_per_class=2)
+    assert "singleton" not in dm.labels.classes
+    assert "dropping classes with fewer than 2 cells: {'singleton': 1}" in caplog.text
+    assert sum(len(v) for v in dm.splits.as_dict().values()) == 199
+
+
+def test_too_few_donors_for_a_donor_split(tmp_path):
+    with pytest.raises(SplitError, match="at least 3 donors, found 2"):
+        setup_module_on(make_counts_adata(n_donors=2), tmp_path, donor_key="donor_id")
+
+
+def test_an_empty_split_is_refused():
+    with pytest.raises(SplitError, match="invalid split fractions"):
+        split_cells(np.zeros(10, dtype=int), val_fraction=0.5, test_fraction=0.5)
+
+
+def test_duplicated_gene_names(tmp_path):
+    adata = make_counts_adata()
+    adata.var_names = ["GENE0"] + list(adata.var_names[1:-1]) + ["GENE0"]
+    with pytest.raises(GeneAlignmentError, match="occur more than once"):
+        setup_module_on(adata, tmp_path, genes=[f"GENE{i}" for i in range(120)])
+
+
+def test_ensembl_ids_when_symbols_expected_can_use_the_id_column(tmp_path):
+    adata = make_counts_adata()
+    ids = list(adata.var["gene_ids"])
+    model = ids  # a model whose gene order is Ensembl ids
+    with pytest.raises(GeneAlignmentError, match="only 0 of"):
+        setup_module_on(adata, tmp_path, genes=model)
+    dm = setup_module_on(adata, tmp_path / "ok", genes=model, gene_ids_key="gene_ids")
+    assert dm.alignment.n_overlap == 120
+
+
+def test_too_few_overlapping_genes(tmp_path):
+    adata = make_counts_adata()
+    with pytest.raises(GeneAlignmentError, match="at least 50 are required"):
+        setup_module_on(adata, tmp_path, genes=[f"GENE{i}" for i in range(20)] + [f"OTHER{i}" for i in range(200)],
+                        min_gene_overlap=50)
+
+
+def test_log_normalised_layer_declared_as_counts(tmp_path, pbmc):
+    adata = pbmc.raw.to_adata()
+    adata.obs["cell_type"] = pbmc.obs["bulk_labels"].values
+    with pytest.raises(InvalidExpressionError, match="looks log-normalised"):
+        setup_module_on(adata, tmp_path, input_is_log1p=False)
+
+
+def test_counts_declared_as_log_normalised(tmp_path):
+    adata = make_counts_adata(n_cells=100)
+    adata.X = adata.X * 20  # deep-sequenced counts: far above any log1p(normalize_total(1e4)) value
+    with pytest.raises(InvalidExpressionError, match="look like raw counts"):
+        setup_module_on(adata, tmp_path, input_is_log1p=True)
+
+
+def test_nan_values(tmp_path):
+    adata = make_counts_adata()
+    X = adata.X.toarray()
+    X[3, 4] = np.nan
+    adata.X = sp.csr_matrix(X)
+    with pytest.raises(InvalidExpressionError, match="NaN or infinite"):
+        setup_module_on(adata, tmp_path)
+
+
+def test_missing_label_values_are_dropped_and_logged(tmp_path, caplog):
+    adata = make_counts_adata(n_cells=120)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(object)
+    adata.obs.iloc[:5, adata.obs.columns.get_loc("cell_type")] = None
+    with caplog.at_level(logging.WARNING):
+        dm = setup_module_on(adata, tmp_path)
+    assert "dropping 5 cells with no 'cell_type' label" in caplog.text
+    assert sum(len(v) for v in dm.splits.as_dict().values()) == 115

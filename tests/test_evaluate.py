@@ -1,0 +1,110 @@
+"""evaluate, annotate and summarize on a real 2-job multirun (LoRA and frozen linear probe)."""
+
+import json
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import REPO, run_train_cli
+from scimilarity_lora.artifact import classifier_from_checkpoint
+from scimilarity_lora.evaluate import EvaluationError, _features, base_encoder, evaluate_run
+from scimilarity_lora.predictor import CellTypePredictor
+from scimilarity_lora.summarize import summarize
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    res = run_train_cli(["--multirun", "model=tiny", "trainer.max_epochs=3", "finetune=lora,frozen",
+                         f"hydra.sweep.dir={root}", "trainer.enable_progress_bar=false"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    reports = {job: evaluate_run(root / job) for job in ("0", "1")}
+    return root, reports
+
+
+def test_report_matches_training_metrics(sweep):
+    root, reports = sweep
+    for job, report in reports.items():
+        metrics = json.loads((root / job / "metrics.json").read_text())
+        assert report["model"]["accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1e-6)
+        assert report["model"]["macro_f1"] == pytest.approx(metrics["test/macro_f1"], abs=1e-5)
+        assert {"frozen_embedding_lr", "genes_lr"} == set(report["baselines"])
+        for name in ("report.json", "report.md", "confusion_matrix.png"):
+            assert (root / job / "evaluation" / name).is_file()
+        assert "## Most confused pairs" in (root / job / "evaluation" / "report.md").read_text()
+        c = report["calibration"]
+        assert c["temperature"] > 0 and 0 <= c["ece_after"] <= 1
+        assert 0 <= c["unknown_threshold"]["test_coverage"] <= 1
+
+
+def test_frozen_probe_does_not_forget(sweep):
+    """A frozen encoder is the base: its forgetting metrics must be exactly 'none'."""
+    f = sweep[1]["1"]["forgetting"]
+    assert f["mean_cosine"] == pytest.approx(1.0, abs=1e-6) and f["knn_agreement"] == 1.0
+    assert f["linear_cka"] == pytest.approx(1.0, abs=1e-6)
+    lora = sweep[1]["0"]["forgetting"]
+    assert lora["mean_cosine"] < 1.0 - 1e-4  # the adapter did move the embedding
+
+
+def test_recreated_base_equals_the_lora_model_with_its_adapter_disabled(sweep):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    run = sweep[0] / "0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    module = classifier_from_checkpoint(metrics["best_checkpoint"])
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    base = base_encoder(run, cfg, list(module.hparams["gene_order"])).eval()
+    x = torch.rand(32, len(module.hparams["gene_order"])) * 3
+    with torch.no_grad(), module.encoder.disable_adapter():
+        np.testing.assert_allclose(base(x).numpy(), module.encoder.eval()(x).numpy(), atol=1e-6)
+
+
+def test_evaluate_refuses_a_changed_split(sweep, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(sweep[0] / "0", run)
+    splits = pd.read_csv(run / "splits.csv")
+    splits.loc[0, "split"] = "test" if splits.loc[0, "split"] != "test" else "train"
+    splits.to_csv(run / "splits.csv", index=False)
+    with pytest.raises(EvaluationError, match="split differs"):
+        evaluate_run(run, baselines=False)
+
+
+def test_summarize_the_sweep(sweep):
+    root, _ = sweep
+    result = summarize(root)
+    table = pd.read_csv(root / "summary.csv")
+    assert result["n_runs"] == 2 and list(table["finetune"]) == ["lora", "frozen"]
+    assert {"test/macro_f1", "val/macro_f1", "trainable_params", "forgetting/linear_cka",
+            "genes_lr/macro_f1"} <= set(table.columns)
+    best = table.loc[table["val/macro_f1"].idxmax(), "job"]
+    assert result["best_run"] == str(root / str(best))
+    assert (root / "summary.png").stat().st_size > 10_000
+    assert f"Best run by val/macro_f1: `{root / str(best)}`" in (root / "summary.md").read_text()
+
+
+def test_annotate_round_trips_an_h5ad(sweep, pbmc, tmp_path):
+    src = tmp_path / "pbmc.h5ad"
+    adata = pbmc.raw.to_adata()
+    adata.write_h5ad(src)
+    out = tmp_path / "annotated.h5ad"
+    model = sweep[0] / "0"
+    res = subprocess.run([sys.executable, "-m", "scimilarity_lora.annotate", str(model), str(src), str(out),
+                          "--log1p", "--batch-size", "128"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    annotated = ad.read_h5ad(out)
+    predictor = CellTypePredictor.load(model / "model")
+    probs, emb = predictor.predict(adata.X, list(adata.var_names), input_is_log1p=True)
+    assert list(annotated.obs["scimilarity_lora_label"]) == [predictor.classes[i] for i in probs.argmax(1)]
+    np.testing.assert_allclose(annotated.obs["scimilarity_lora_confidence"], probs.max(1), rtol=1e-5)
+    np.testing.assert_allclose(annotated.obsm["X_scimilarity"], emb, atol=1e-6)
+    assert annotated.obs["scimilarity_lora_top3"].iloc[0].count(":") == 3
+    assert annotated.uns["scimilarity_lora"]["gene_overlap"]["n_overlap"] == 765
+    assert (annotated.X != adata.X).nnz == 0  # the expression data is untouched
