@@ -8,6 +8,10 @@
 import hydra
 from omegaconf import DictConfig
 
+from scimilarity_lora.resolvers import register
+
+register()
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:

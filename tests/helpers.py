@@ -12,6 +12,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from scimilarity_lora.resolvers import register
+
+register()
+
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["model=tiny", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
 

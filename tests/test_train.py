@@ -125,11 +125,14 @@ def test_cli_overrides_the_issue_lists(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_gives_one_run_dir_per_value(tmp_path):
-    res = run_train_cli(["--multirun", "model=tiny", "trainer.max_epochs=1", "lora.r=2,4",
-                         f"hydra.sweep.dir={tmp_path}"])
+    res = run_train_cli(["--multirun", "model=tiny", "trainer.max_epochs=1", "lora.r=2,4", "logger=wandb",
+                         f"hydra.sweep.dir={tmp_path}"], env={"WANDB_MODE": "offline"})
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = sorted(json.loads((tmp_path / str(i) / "metrics.json").read_text())["finetune"]["r"] for i in (0, 1))
     assert ranks == [2, 4]
+    for i in (0, 1):  # one W&B run per job, both in the sweep's group
+        (record,) = (tmp_path / str(i) / "wandb").glob("offline-run-*/run-*.wandb")
+        assert f'"{tmp_path}"'.encode() in record.read_bytes()  # exactly the sweep dir, not the job's own dir
 
 
 @pytest.mark.slow
@@ -139,6 +142,11 @@ def test_wandb_offline_run_is_written(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    media = {part for p in runs[0].glob("files/media/**/*") if p.is_file() for part in p.parts}
+    assert {"images", "table"} <= media  # confusion matrix image and per-class F1 table
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline: config and metrics live in this record file
+    assert b"trainable_params" in record and b"test/macro_f1" in record
+    assert str(tmp_path).encode() in record  # the group: a single run is its own group
 
 
 @pytest.mark.slow

@@ -109,6 +109,8 @@ def run(cfg: DictConfig) -> float | None:
             _write_outputs(out, cfg, model, datamodule, best_path, metrics, history)
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if trainer.is_global_zero:
+            _log_figures(loggers, out, metrics)
     finally:
         _finish_wandb(loggers)
     return float(metrics[optimized]) if optimized and optimized in metrics else None
@@ -148,6 +150,18 @@ def _write_outputs(out: Path, cfg, model, datamodule, best_path: str, metrics: d
         plot_learning_curves(history.rows, plots / "learning_curves.png")
     log.info("test accuracy %.3f, macro-F1 %.3f; results in %s", metrics.get("test/accuracy", np.nan),
              metrics.get("test/macro_f1", np.nan), out)
+
+
+def _log_figures(loggers: list[Any], out: Path, metrics: dict) -> None:
+    """W&B gets the confusion matrix image and a per-class F1 table next to the scalar metrics."""
+    for lg in loggers:
+        if type(lg).__name__ != "WandbLogger":
+            continue
+        cm = out / "plots" / "confusion_matrix.png"
+        if cm.is_file():
+            lg.log_image(key="test/confusion_matrix", images=[str(cm)])
+        rows = [[c, float(f)] for c, f in metrics.get("test/per_class_f1", {}).items()]
+        lg.log_table(key="test/per_class_f1", columns=["cell_type", "f1"], data=rows)
 
 
 def _finish_wandb(loggers: list[Any]) -> None:
