@@ -106,9 +106,11 @@ def test_ranks_get_disjoint_shards(store, store_adata, monkeypatch):
 def test_streamed_batches_equal_the_in_memory_path(store, store_adata, real_gene_order):
     """Same alignment + preprocessing code: a Census batch equals the AnnData path on the same cells."""
     dm = datamodule(store, real_gene_order)
-    collate = CensusBatch(dm.alignment, dm.preprocessing, dm.label_key, dm.labels.classes)
+    collate = CensusBatch(dm.alignment, dm.preprocessing, dm.label_key, dm.labels.classes, input_format="dense")
     X, obs = next(iter(dm.datasets["val"]))
     x, y = collate((X, obs))
+    auto, _ = CensusBatch(dm.alignment, dm.preprocessing, dm.label_key, dm.labels.classes)((X, obs))
+    assert type(auto).__name__ == "SparseBatch" and torch.equal(auto.to_dense(), x)  # 716 of 28,231 genes: sparse
     rows = obs["soma_joinid"].to_numpy()
     from scimilarity_lora.genes import align_genes
 

@@ -9,19 +9,25 @@ import lightning as L
 
 
 class TrainingSpeed(L.Callback):
-    """Cells per second of training steps (forward + backward + optimizer; data loading excluded)."""
+    """Cells per second of training steps (forward + backward + optimizer; data loading excluded), and the time
+    from process start (imports included) to the first training batch."""
 
     def __init__(self) -> None:
         self.cells = 0
         self.step_seconds = 0.0
         self._t0 = 0.0
+        self.seconds_to_first_batch: float | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._t0 = time.perf_counter()
+        if self.seconds_to_first_batch is None:
+            import psutil
+
+            self.seconds_to_first_batch = round(time.time() - psutil.Process().create_time(), 2)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.step_seconds += time.perf_counter() - self._t0
-        self.cells += int(batch[1].shape[0])
+        self.cells += int(len(batch[1]))
 
     @property
     def cells_per_second(self) -> float:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scimilarity_lora.genes import read_gene_order, write_gene_order
+from scimilarity_lora.sparse import SparseBatch, first_block
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,11 @@ class Encoder(nn.Module):
     def from_config(cls, config: EncoderConfig) -> "Encoder":
         return cls(config.n_genes, config.latent_dim, config.hidden_dim, config.dropout, config.input_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.network:
+    def forward(self, x: "torch.Tensor | SparseBatch") -> torch.Tensor:
+        layers = iter(self.network)
+        if isinstance(x, SparseBatch):  # the first layer reads only the non-zero genes (see sparse.py)
+            x = first_block(next(layers), x)
+        for layer in layers:
             x = layer(x)
         return F.normalize(x, p=2, dim=1)
 

@@ -45,7 +45,7 @@ class EvaluationError(ValueError):
 def _features(datamodule, split: str) -> tuple[torch.Tensor, np.ndarray]:
     loader = {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader,
               "test": datamodule.test_dataloader}[split]()
-    xs, ys = zip(*[(x, y) for x, y in loader])
+    xs, ys = zip(*[(x.to_dense() if hasattr(x, "to_dense") else x, y) for x, y in loader])
     return torch.cat(xs), torch.cat(ys).numpy()
 
 

@@ -18,6 +18,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from scimilarity_lora.sparse import SparseBatch
+from scimilarity_lora.sparse import choose as choose_sparse
+
 #: log1p(1e4) ~ 9.21: log-normalised values above this bound cannot come from normalize_total(1e4) + log1p.
 _MAX_PLAUSIBLE_LOG1P = 15.0
 
@@ -76,8 +79,13 @@ class Preprocessing:
             )
 
     # -- transformation ----------------------------------------------------------------------------------
-    def __call__(self, aligned: sp.csr_matrix, validate: bool = True) -> torch.Tensor:
-        """Cells x model-genes CSR (already aligned) -> dense float32 tensor of encoder inputs."""
+    def __call__(self, aligned: sp.csr_matrix, validate: bool = True,
+                 output: str = "dense") -> "torch.Tensor | SparseBatch":
+        """Cells x model-genes CSR (already aligned) -> encoder inputs.
+
+        ``output``: ``"dense"`` (a float32 tensor), ``"sparse"`` (a :class:`SparseBatch` for the encoder's sparse
+        first layer), or ``"auto"`` (sparse when the batch is sparse enough to be faster, see :mod:`sparse`).
+        """
         X = aligned.astype(np.float32, copy=True).tocsr()
         if validate:
             self.validate(X.data)
@@ -87,4 +95,6 @@ class Preprocessing:
         scale = np.divide(self.target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
         X.data *= np.repeat(scale, np.diff(X.indptr)).astype(np.float32)
         np.log1p(X.data, out=X.data)
+        if output == "sparse" or (output == "auto" and choose_sparse(X)):
+            return SparseBatch.from_csr(X)
         return torch.from_numpy(X.toarray())

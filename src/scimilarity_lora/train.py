@@ -130,6 +130,7 @@ def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_secon
     metrics.update(params)
     metrics["train_seconds"] = round(train_seconds, 3)
     metrics["cells_per_second"] = round(speed.cells_per_second, 1)
+    metrics["seconds_to_first_batch"] = speed.seconds_to_first_batch
     metrics["finetune"] = model.finetune.to_dict()
     metrics["base_model"] = {"is_pretrained": base.is_pretrained, "source": base.source}
     metrics.update(datamodule.summary())

@@ -85,8 +85,9 @@ def validate_matrix(X: sp.spmatrix | np.ndarray, preprocessing: Preprocessing, w
 class CellBatchDataset(Dataset):
     """Rows of an aligned CSR matrix; ``__getitems__`` fetches and normalises a whole batch at once."""
 
-    def __init__(self, X: sp.csr_matrix, y: np.ndarray, preprocessing: Preprocessing) -> None:
+    def __init__(self, X: sp.csr_matrix, y: np.ndarray, preprocessing: Preprocessing, input_format: str = "auto") -> None:
         self.X, self.y, self.preprocessing = X, torch.as_tensor(y, dtype=torch.long), preprocessing
+        self.input_format = input_format
 
     def __len__(self) -> int:
         return self.X.shape[0]
@@ -94,11 +95,11 @@ class CellBatchDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         # validated once for the whole matrix in setup(); skip the per-batch check on the hot path
-        return self.preprocessing(self.X[idx], validate=False), self.y[idx]
+        return self.preprocessing(self.X[idx], validate=False, output=self.input_format), self.y[idx]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.__getitems__([i])
-        return x[0], y[0]
+        return (x.to_dense() if hasattr(x, "to_dense") else x)[0], y[0]
 
 
 def collate_batch(batch: Any) -> Any:
@@ -131,8 +132,12 @@ class AnnDataModule(L.LightningDataModule):
         min_gene_overlap: int = 50,
         min_gene_overlap_fraction: float = 0.0,
         target_sum: float = 1e4,
+        input_format: str = "auto",
     ) -> None:
         super().__init__()
+        if input_format not in ("auto", "dense", "sparse"):
+            raise ValueError(f"data.input_format must be auto, dense or sparse, got {input_format!r}")
+        self.input_format = input_format
         self.path, self.label_key, self.layer = path, label_key, layer
         self.gene_symbols_key, self.gene_ids_key, self.donor_key = gene_symbols_key, gene_ids_key, donor_key
         self.min_cells_per_class = min_cells_per_class
@@ -208,7 +213,7 @@ class AnnDataModule(L.LightningDataModule):
                                   test_fraction=self.test_fraction, seed=self.seed)
         self.cell_ids = adata.obs_names.to_numpy()[rows]
         for name, part in self.splits.as_dict().items():
-            self.datasets[name] = CellBatchDataset(aligned[part], y[part], self.preprocessing)
+            self.datasets[name] = CellBatchDataset(aligned[part], y[part], self.preprocessing, self.input_format)
         log.info(
             "data %s: %d cells, %d classes; split train/val/test = %d/%d/%d (%s)", self.path, rows.size,
             len(self.labels), *(len(p) for p in self.splits.as_dict().values()),

@@ -52,13 +52,15 @@ class EpochShuffledExperimentDataset(ExperimentDataset):
 class CensusBatch:
     """Collate for tiledbsoma-ml mini-batches: (CSR counts, obs) -> (encoder input, label ids). Picklable."""
 
-    def __init__(self, alignment: GeneAlignment, preprocessing: Preprocessing, label_key: str, classes: list[str]):
+    def __init__(self, alignment: GeneAlignment, preprocessing: Preprocessing, label_key: str, classes: list[str],
+                 input_format: str = "auto"):
         self.alignment, self.preprocessing, self.label_key = alignment, preprocessing, label_key
-        self.classes = classes
+        self.classes, self.input_format = classes, input_format
 
     def __call__(self, batch: tuple[Any, pd.DataFrame]) -> tuple[torch.Tensor, torch.Tensor]:
         X, obs = batch
-        x = self.preprocessing(self.alignment.apply(X))  # validates each batch: the store is never read whole
+        # validates each batch: the store is never read whole
+        x = self.preprocessing(self.alignment.apply(X), output=self.input_format)
         codes = pd.Categorical(obs[self.label_key].astype(str), categories=self.classes).codes
         return x, torch.from_numpy(np.array(codes, dtype=np.int64))
 
@@ -88,8 +90,10 @@ class CensusDataModule(L.LightningDataModule):
         min_gene_overlap: int = 50,
         min_gene_overlap_fraction: float = 0.0,
         target_sum: float = 1e4,
+        input_format: str = "auto",
     ) -> None:
         super().__init__()
+        self.input_format = input_format
         if io_batch_size % shuffle_chunk_size:
             raise ValueError(f"data.io_batch_size ({io_batch_size}) must be a multiple of "
                              f"data.shuffle_chunk_size ({shuffle_chunk_size})")
@@ -220,7 +224,8 @@ class CensusDataModule(L.LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------------------------------
     def _loader(self, split: str):
-        collate = CensusBatch(self.alignment, self.preprocessing, self.label_key, list(self.labels.classes))
+        collate = CensusBatch(self.alignment, self.preprocessing, self.label_key, list(self.labels.classes),
+                              self.input_format)
         return experiment_dataloader(self.datasets[split], num_workers=self.num_workers, collate_fn=collate)
 
     def train_dataloader(self):
