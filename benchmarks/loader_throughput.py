@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_result  # noqa: E402
+
 
 BUILD = '''
 import sys
@@ -122,11 +125,8 @@ def main() -> None:
         "census_over_train_step": round(census_cps / train_cps, 2),
         "peak_rss_mb_after_census": round(rss_after_census), "peak_rss_mb": round(peak_rss_mb()),
         "store_build_s": round(build_seconds, 1),
-        "command": " ".join(["python", *sys.argv]),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import pbmc_request_bodies, write_result  # noqa: E402
 
 
 def free_port() -> int:
@@ -127,17 +129,10 @@ def main() -> None:
     from scimilarity_lora.data.soma_store import pbmc_counts
     from scimilarity_lora.predictor import CellTypePredictor
 
-    counts = pbmc_counts()  # the bundled PBMCs as raw integer counts: what clients send (values='counts')
+    singles, batches = pbmc_request_bodies(args.batch_cells, top_k=1)
+    counts = pbmc_counts()
     X = counts.X.tocsr()
     genes = np.asarray(counts.var["feature_name"])
-    singles = [json.dumps({"expression": dict(zip(genes[r.indices].tolist(), r.data.astype(int).tolist()))}).encode()
-               for r in X]
-    batches = []
-    for s in range(0, X.shape[0] - args.batch_cells + 1, args.batch_cells):
-        B = X[s:s + args.batch_cells]
-        batches.append(json.dumps({"sparse": {"genes": genes.tolist(), "indptr": B.indptr.tolist(),
-                                              "indices": B.indices.tolist(), "data": B.data.astype(int).tolist()},
-                                   "top_k": 1}).encode())
 
     # the ceiling: the same exported model in process, forward only and featurise + forward
     predictor = CellTypePredictor.load(run_dir / "model")
@@ -180,11 +175,8 @@ def main() -> None:
         "total_errors": sum(s["errors"] for s in single) + batch["errors"],
         "server_env": {k: os.environ[k] for k in ("SCIMILARITY_LORA_WORKERS", "SCIMILARITY_LORA_TORCH_THREADS")
                        if k in os.environ},
-        "command": " ".join(["python", *sys.argv]),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

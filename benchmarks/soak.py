@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import pbmc_request_bodies, write_result  # noqa: E402
 from serve_load import REPO, free_port, load, start_server  # noqa: E402
 
 
@@ -44,17 +45,7 @@ def main() -> None:
     run_dir = work / "run"
     subprocess.run([sys.executable, "train.py", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"],
                    cwd=REPO, check=True, capture_output=True)
-    from scimilarity_lora.data.soma_store import pbmc_counts
-
-    X = pbmc_counts().X.tocsr()
-    genes = np.asarray(pbmc_counts().var["feature_name"])
-    singles = [json.dumps({"expression": dict(zip(genes[r.indices].tolist(), r.data.astype(int).tolist()))}).encode()
-               for r in X]
-    batches = []
-    for s in range(0, X.shape[0] - args.batch_cells + 1, args.batch_cells):
-        B = X[s:s + args.batch_cells]
-        batches.append(json.dumps({"sparse": {"genes": genes.tolist(), "indptr": B.indptr.tolist(),
-                                              "indices": B.indices.tolist(), "data": B.data.astype(int).tolist()}}).encode())
+    singles, batches = pbmc_request_bodies(args.batch_cells)
 
     port = free_port()
     proc = start_server(run_dir, work, port)
@@ -96,11 +87,8 @@ def main() -> None:
                           "mean_second_half": round(float(np.mean(rss[half:])), 1)},
         "rss_growth_mb_after_warmup": round(rss_end - rss_after_warmup, 1),
         "rss_samples": samples,
-        "command": " ".join(["python", *sys.argv]),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ from scimilarity_lora.lora import FinetuneConfig, merged_encoder
 from scimilarity_lora.module import CellTypeClassifier
 from scimilarity_lora.preprocess import Preprocessing
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_result  # noqa: E402
+
 
 def counts(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
     rng = np.random.default_rng(seed)
@@ -145,11 +148,8 @@ def main() -> None:
                            "merged_sparse_cells_per_s": round(merged_sparse),
                            "merged_over_unmerged": round(merged / unmerged, 3)},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "command": " ".join(["python", *sys.argv]),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

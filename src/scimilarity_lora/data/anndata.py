@@ -11,16 +11,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import anndata as ad
-import lightning as L
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from scimilarity_lora.data.splits import Splits, split_cells
-from scimilarity_lora.genes import GeneAlignment, align_genes
-from scimilarity_lora.labels import LabelEncoder, LabelError, drop_rare_classes
+from scimilarity_lora.data.base import CellDataModule
+from scimilarity_lora.genes import align_genes
+from scimilarity_lora.labels import LabelError
 from scimilarity_lora.preprocess import InvalidExpressionError, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -107,7 +106,7 @@ def collate_batch(batch: Any) -> Any:
     return batch
 
 
-class AnnDataModule(L.LightningDataModule):
+class AnnDataModule(CellDataModule):
     """Train/val/test splits of one AnnData, aligned to the model's gene order.
 
     Set :attr:`gene_order` (the model's genes) before :meth:`setup`; :meth:`data_genes` tells which genes the
@@ -134,22 +133,13 @@ class AnnDataModule(L.LightningDataModule):
         target_sum: float = 1e4,
         input_format: str = "auto",
     ) -> None:
-        super().__init__()
-        if input_format not in ("auto", "dense", "sparse"):
-            raise ValueError(f"data.input_format must be auto, dense or sparse, got {input_format!r}")
-        self.input_format = input_format
-        self.path, self.label_key, self.layer = path, label_key, layer
-        self.gene_symbols_key, self.gene_ids_key, self.donor_key = gene_symbols_key, gene_ids_key, donor_key
-        self.min_cells_per_class = min_cells_per_class
-        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.min_gene_overlap, self.min_gene_overlap_fraction = min_gene_overlap, min_gene_overlap_fraction
-        self.preprocessing = Preprocessing(target_sum=target_sum, input_is_log1p=input_is_log1p)
-        self.gene_order: list[str] | None = None
-        self.labels: LabelEncoder | None = None
-        self.alignment: GeneAlignment | None = None
-        self.splits: Splits | None = None
-        self.datasets: dict[str, CellBatchDataset] = {}
+        super().__init__(label_key=label_key, donor_key=donor_key, min_cells_per_class=min_cells_per_class,
+                         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
+                         num_workers=num_workers, min_gene_overlap=min_gene_overlap,
+                         min_gene_overlap_fraction=min_gene_overlap_fraction, target_sum=target_sum,
+                         input_is_log1p=input_is_log1p, input_format=input_format)
+        self.path, self.layer = path, layer
+        self.gene_symbols_key, self.gene_ids_key = gene_symbols_key, gene_ids_key
         self._adata: ad.AnnData | None = None
 
     # -- inputs ----------------------------------------------------------------------------------------------
@@ -167,28 +157,17 @@ class AnnDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        if self.gene_order is None:
-            raise RuntimeError("AnnDataModule.gene_order must be set to the model's genes before setup()")
+        gene_order = self._require_gene_order()
         adata = self.adata
         if self.label_key not in adata.obs.columns:
             raise LabelError(
                 f"label column {self.label_key!r} not in obs; available columns: {list(adata.obs.columns)}"
             )
+        if self.donor_key is not None and self.donor_key not in adata.obs.columns:
+            raise DataError(f"donor column {self.donor_key!r} not in obs; columns: {list(adata.obs.columns)}")
         X, var_names, var = expression_matrix(adata, self.layer)
         where = f"{self.path} ({'X' if self.layer in (None, 'X') else self.layer})"
         validate_matrix(X, self.preprocessing, where)
-
-        labels_raw = adata.obs[self.label_key]
-        has_label = labels_raw.notna().to_numpy()
-        if not has_label.all():
-            log.warning("dropping %d cells with no %r label", int((~has_label).sum()), self.label_key)
-        labels = labels_raw.astype(str).to_numpy()
-        keep, dropped = drop_rare_classes(labels[has_label], self.min_cells_per_class)
-        if dropped:
-            log.warning("dropping classes with fewer than %d cells: %s", self.min_cells_per_class, dropped)
-        rows = np.flatnonzero(has_label)[keep]
-        if rows.size == 0:
-            raise LabelError(f"no cells left after dropping rare/missing labels in {self.label_key!r}")
 
         ids = None
         if self.gene_ids_key is not None:
@@ -196,49 +175,15 @@ class AnnDataModule(L.LightningDataModule):
                 raise DataError(f"gene id column {self.gene_ids_key!r} not in var; columns: {list(var.columns)}")
             ids = var[self.gene_ids_key].astype(str).tolist()
         self.alignment = align_genes(
-            gene_names(var_names, var, self.gene_symbols_key), self.gene_order, data_gene_ids=ids,
+            gene_names(var_names, var, self.gene_symbols_key), gene_order, data_gene_ids=ids,
             min_overlap=self.min_gene_overlap, min_overlap_fraction=self.min_gene_overlap_fraction,
         )
-        X_rows = X[rows] if sp.issparse(X) else np.asarray(X)[rows]
-        aligned = self.alignment.apply(X_rows)
-
-        self.labels = LabelEncoder.fit(labels[rows])
-        y = self.labels.encode(labels[rows])
-        groups = None
-        if self.donor_key is not None:
-            if self.donor_key not in adata.obs.columns:
-                raise DataError(f"donor column {self.donor_key!r} not in obs; columns: {list(adata.obs.columns)}")
-            groups = adata.obs[self.donor_key].astype(str).to_numpy()[rows]
-        self.splits = split_cells(y, groups=groups, val_fraction=self.val_fraction,
-                                  test_fraction=self.test_fraction, seed=self.seed)
-        self.cell_ids = adata.obs_names.to_numpy()[rows]
+        groups = adata.obs[self.donor_key].astype(str).to_numpy() if self.donor_key is not None else None
+        rows, y = self.encode_and_split(adata.obs[self.label_key].to_numpy(dtype=object), groups,
+                                        adata.obs_names.to_numpy())
+        aligned = self.alignment.apply(X[rows] if sp.issparse(X) else np.asarray(X)[rows])
         for name, part in self.splits.as_dict().items():
             self.datasets[name] = CellBatchDataset(aligned[part], y[part], self.preprocessing, self.input_format)
-        log.info(
-            "data %s: %d cells, %d classes; split train/val/test = %d/%d/%d (%s)", self.path, rows.size,
-            len(self.labels), *(len(p) for p in self.splits.as_dict().values()),
-            f"by donor {self.donor_key!r}" if groups is not None else "stratified by label",
-        )
-
-    def save_splits(self, path: str | Path) -> Path:
-        """Record which cell went to which split (``cell_id,split``)."""
-        assert self.splits is not None, "call setup() first"
-        frames = [pd.DataFrame({"cell_id": self.cell_ids[p], "split": name}) for name, p in self.splits.as_dict().items()]
-        path = Path(path)
-        pd.concat(frames).to_csv(path, index=False)
-        return path
-
-    def summary(self) -> dict:
-        assert self.splits is not None and self.alignment is not None and self.labels is not None
-        return {
-            "gene_overlap": self.alignment.summary(),
-            "n_cells": {k: int(len(v)) for k, v in self.splits.as_dict().items()},
-            "classes": list(self.labels.classes),
-        }
-
-    def train_labels(self) -> np.ndarray:
-        """Encoded labels of the training split (for class weights)."""
-        return self.datasets["train"].y.numpy()
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -23,9 +22,9 @@ from attrs import evolve
 from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
 
 from scimilarity_lora.data.anndata import DataError
-from scimilarity_lora.data.splits import Splits, split_cells
+from scimilarity_lora.data.base import CellDataModule
 from scimilarity_lora.genes import GeneAlignment, align_genes
-from scimilarity_lora.labels import LabelEncoder, LabelError, drop_rare_classes
+from scimilarity_lora.labels import LabelError
 from scimilarity_lora.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,9 @@ class CensusBatch:
         return x, torch.from_numpy(np.array(codes, dtype=np.int64))
 
 
-class CensusDataModule(L.LightningDataModule):
+class CensusDataModule(CellDataModule):
+    id_column = "soma_joinid"
+
     def __init__(
         self,
         uri: str | None = None,
@@ -92,8 +93,11 @@ class CensusDataModule(L.LightningDataModule):
         target_sum: float = 1e4,
         input_format: str = "auto",
     ) -> None:
-        super().__init__()
-        self.input_format = input_format
+        super().__init__(label_key=label_key, donor_key=donor_key, min_cells_per_class=min_cells_per_class,
+                         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
+                         num_workers=num_workers, min_gene_overlap=min_gene_overlap,
+                         min_gene_overlap_fraction=min_gene_overlap_fraction, target_sum=target_sum,
+                         input_is_log1p=False, input_format=input_format)  # Census X['raw'] holds counts
         if io_batch_size % shuffle_chunk_size:
             raise ValueError(f"data.io_batch_size ({io_batch_size}) must be a multiple of "
                              f"data.shuffle_chunk_size ({shuffle_chunk_size})")
@@ -102,19 +106,10 @@ class CensusDataModule(L.LightningDataModule):
         self.obs_value_filter = obs_value_filter
         if dataset_id:
             self.obs_value_filter = f"({obs_value_filter}) and dataset_id == '{dataset_id}'"
-        self.label_key, self.donor_key, self.min_cells_per_class = label_key, donor_key, min_cells_per_class
-        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
-        self.batch_size, self.io_batch_size, self.shuffle_chunk_size = batch_size, io_batch_size, shuffle_chunk_size
-        self.num_workers, self.use_eager_fetch = num_workers, use_eager_fetch
+        self.io_batch_size, self.shuffle_chunk_size = io_batch_size, shuffle_chunk_size
+        self.use_eager_fetch = use_eager_fetch
         self.tiledb_config = dict(tiledb_config) if tiledb_config else None
-        self.min_gene_overlap, self.min_gene_overlap_fraction = min_gene_overlap, min_gene_overlap_fraction
-        self.preprocessing = Preprocessing(target_sum=target_sum, input_is_log1p=False)  # Census X['raw'] is counts
-        self.gene_order: list[str] | None = None
-        self.labels: LabelEncoder | None = None
-        self.alignment: GeneAlignment | None = None
-        self.splits: Splits | None = None
         self.split_joinids: dict[str, np.ndarray] = {}
-        self.datasets: dict[str, EpochShuffledExperimentDataset] = {}
 
     # -- opening -------------------------------------------------------------------------------------------------
     def open(self):
@@ -139,8 +134,7 @@ class CensusDataModule(L.LightningDataModule):
         """Build datasets here (not in __init__): tiledbsoma-ml shards by DDP rank when a dataset is built."""
         if self.datasets:
             return
-        if self.gene_order is None:
-            raise RuntimeError("CensusDataModule.gene_order must be set to the model's genes before setup()")
+        self._require_gene_order()
         import tiledbsoma as soma
 
         with self.open() as census:
@@ -189,38 +183,14 @@ class CensusDataModule(L.LightningDataModule):
         return obs.sort_values("soma_joinid").reset_index(drop=True)
 
     def _split(self, obs: pd.DataFrame) -> None:
-        """Drop rare classes, split by donor; a pure function of (obs, seed): identical on every rank."""
-        labels = obs[self.label_key].astype(str).to_numpy()
-        keep, dropped = drop_rare_classes(labels, self.min_cells_per_class)
-        if dropped:
-            log.warning("dropping classes with fewer than %d cells: %s", self.min_cells_per_class, dropped)
-        obs, labels = obs[keep].reset_index(drop=True), labels[keep]
-        self.labels = LabelEncoder.fit(labels)
         groups = obs[self.donor_key].astype(str).to_numpy() if self.donor_key else None
-        self.splits = split_cells(self.labels.encode(labels), groups=groups, val_fraction=self.val_fraction,
-                                  test_fraction=self.test_fraction, seed=self.seed)
-        joinids = obs["soma_joinid"].to_numpy()
-        self.split_joinids = {k: joinids[v] for k, v in self.splits.as_dict().items()}
-        self._obs_table = obs
-
-    def save_splits(self, path: str | Path) -> Path:
-        frames = [pd.DataFrame({"soma_joinid": ids, "split": name}) for name, ids in self.split_joinids.items()]
-        path = Path(path)
-        pd.concat(frames).to_csv(path, index=False)
-        return path
+        self.encode_and_split(obs[self.label_key].to_numpy(dtype=object), groups, obs["soma_joinid"].to_numpy())
+        self.split_joinids = self.split_ids()
 
     def summary(self) -> dict:
-        return {
-            "gene_overlap": self.alignment.summary(),
-            "n_cells": {k: int(len(v)) for k, v in self.split_joinids.items()},
-            "classes": list(self.labels.classes),
-            "census": {"uri": self.uri, "census_version": None if self.uri else self.census_version,
-                       "obs_value_filter": self.obs_value_filter},
-        }
-
-    def train_labels(self) -> np.ndarray:
-        train = self._obs_table.set_index("soma_joinid").loc[self.split_joinids["train"], self.label_key]
-        return self.labels.encode(train.astype(str))
+        return {**super().summary(),
+                "census": {"uri": self.uri, "census_version": None if self.uri else self.census_version,
+                           "obs_value_filter": self.obs_value_filter}}
 
     # -- loaders -------------------------------------------------------------------------------------------------
     def _loader(self, split: str):

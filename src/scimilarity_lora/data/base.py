@@ -1,0 +1,98 @@
+"""What every data source shares: the model's gene order, label encoding, the rare-class policy, splits and
+preprocessing. :class:`~scimilarity_lora.data.anndata.AnnDataModule` and
+:class:`~scimilarity_lora.data.census.CensusDataModule` differ only in where cells come from."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+
+from scimilarity_lora.data.splits import Splits, split_cells
+from scimilarity_lora.genes import GeneAlignment
+from scimilarity_lora.labels import LabelEncoder, LabelError, drop_rare_classes
+from scimilarity_lora.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+INPUT_FORMATS = ("auto", "dense", "sparse")
+
+
+class CellDataModule(L.LightningDataModule):
+    #: the column naming cells in ``splits.csv``
+    id_column = "cell_id"
+
+    def __init__(self, *, label_key: str, donor_key: str | None, min_cells_per_class: int, val_fraction: float,
+                 test_fraction: float, seed: int, batch_size: int, num_workers: int, min_gene_overlap: int,
+                 min_gene_overlap_fraction: float, target_sum: float, input_is_log1p: bool,
+                 input_format: str) -> None:
+        super().__init__()
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"data.input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+        self.label_key, self.donor_key, self.min_cells_per_class = label_key, donor_key, min_cells_per_class
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.batch_size, self.num_workers, self.input_format = batch_size, num_workers, input_format
+        self.min_gene_overlap, self.min_gene_overlap_fraction = min_gene_overlap, min_gene_overlap_fraction
+        self.preprocessing = Preprocessing(target_sum=target_sum, input_is_log1p=input_is_log1p)
+        self.gene_order: list[str] | None = None  # set to the model's genes before setup()
+        self.labels: LabelEncoder | None = None
+        self.alignment: GeneAlignment | None = None
+        self.splits: Splits | None = None
+        self.cell_ids: np.ndarray | None = None
+        self.datasets: dict = {}
+        self._y: np.ndarray | None = None
+
+    def _require_gene_order(self) -> list[str]:
+        if self.gene_order is None:
+            raise RuntimeError(f"{type(self).__name__}.gene_order must be set to the model's genes before setup()")
+        return self.gene_order
+
+    def encode_and_split(self, labels: np.ndarray, groups: np.ndarray | None, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Drop unlabelled cells and rare classes (logged), fit the label encoding, split.
+
+        Returns the kept positions and their encoded labels; ``self.splits`` indexes into the kept cells. A pure
+        function of (labels, groups, seed), so every DDP rank computes the same split.
+        """
+        has_label = pd.notna(labels)
+        if not has_label.all():
+            log.warning("dropping %d cells with no %r label", int((~has_label).sum()), self.label_key)
+        labels = np.asarray([str(x) for x in labels], dtype=object)
+        keep, dropped = drop_rare_classes(labels[has_label], self.min_cells_per_class)
+        if dropped:
+            log.warning("dropping classes with fewer than %d cells: %s", self.min_cells_per_class, dropped)
+        rows = np.flatnonzero(has_label)[keep]
+        if rows.size == 0:
+            raise LabelError(f"no cells left after dropping rare/missing labels in {self.label_key!r}")
+        self.labels = LabelEncoder.fit(labels[rows])
+        y = self.labels.encode(labels[rows])
+        self.splits = split_cells(y, groups=None if groups is None else np.asarray(groups)[rows],
+                                  val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed)
+        self.cell_ids, self._y = np.asarray(ids)[rows], y
+        log.info("%d cells, %d classes; split train/val/test = %d/%d/%d (%s)", rows.size, len(self.labels),
+                 *(len(p) for p in self.splits.as_dict().values()),
+                 f"by donor {self.donor_key!r}" if groups is not None else "stratified by label")
+        return rows, y
+
+    def split_ids(self) -> dict[str, np.ndarray]:
+        return {name: self.cell_ids[part] for name, part in self.splits.as_dict().items()}
+
+    def save_splits(self, path: str | Path) -> Path:
+        """Record which cell went to which split (``<id_column>,split``)."""
+        frames = [pd.DataFrame({self.id_column: ids, "split": name}) for name, ids in self.split_ids().items()]
+        path = Path(path)
+        pd.concat(frames).to_csv(path, index=False)
+        return path
+
+    def summary(self) -> dict:
+        return {
+            "gene_overlap": self.alignment.summary(),
+            "n_cells": {k: int(len(v)) for k, v in self.splits.as_dict().items()},
+            "classes": list(self.labels.classes),
+        }
+
+    def train_labels(self) -> np.ndarray:
+        """Encoded labels of the training split (for class weights)."""
+        return self._y[self.splits.train]
