@@ -37,7 +37,7 @@ def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
 
 
 def collect(multirun_dir: Path) -> pd.DataFrame:
-    rows = []
+    rows, override_keys = [], []
     for metrics_file in sorted(multirun_dir.glob("*/metrics.json"), key=lambda p: int(p.parent.name)
                                if p.parent.name.isdigit() else 0):
         job = metrics_file.parent
@@ -46,6 +46,8 @@ def collect(multirun_dir: Path) -> pd.DataFrame:
         for o in overrides:
             key, _, value = str(o).lstrip("+~").partition("=")
             row[key] = value
+            if key not in override_keys:
+                override_keys.append(key)
         metrics = json.loads(metrics_file.read_text())
         row.update({k: metrics.get(k) for k in METRICS})
         row["finetune"] = metrics.get("finetune", {}).get("mode")
@@ -60,14 +62,16 @@ def collect(multirun_dir: Path) -> pd.DataFrame:
         rows.append(row)
     if not rows:
         raise ValueError(f"no finished runs (metrics.json) under {multirun_dir}")
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs["override_keys"] = override_keys
+    return df
 
 
 def over_seeds(df: pd.DataFrame) -> pd.DataFrame | None:
     if "seed" not in df.columns or df["seed"].nunique() < 2:
         return None
-    keys = [c for c in df.columns if c not in ("job", "seed") and df[c].dtype == object and c != "finetune"]
-    keys = keys or ["finetune"]
+    # every swept setting except the seed (a sweep's own overrides); 'finetune' is also a metrics column
+    keys = [k for k in df.attrs.get("override_keys", []) if k != "seed" and df[k].nunique() > 1] or ["finetune"]
     numeric = [c for c in df.columns if c not in keys + ["job", "seed"] and pd.api.types.is_numeric_dtype(df[c])]
     grouped = df.groupby(keys, dropna=False)[numeric].agg(["mean", "std"])
     grouped.columns = [f"{a} {b}" for a, b in grouped.columns]
@@ -98,6 +102,10 @@ def plot(df: pd.DataFrame, path: Path) -> Path | None:
         ax.set_ylabel(ylabel)
         if x_key in ("lora.r", "trainable_params"):
             ax.set_xscale("log")
+        if x_key == "lora.r":
+            ticks = sorted(x.dropna().unique())
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
