@@ -108,3 +108,26 @@ def test_annotate_round_trips_an_h5ad(sweep, pbmc, tmp_path):
     assert annotated.obs["scimilarity_lora_top3"].iloc[0].count(":") == 3
     assert annotated.uns["scimilarity_lora"]["gene_overlap"]["n_overlap"] == 765
     assert (annotated.X != adata.X).nnz == 0  # the expression data is untouched
+
+
+def test_evaluation_is_logged_to_wandb_offline(sweep, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = sweep[0] / "0"
+    evaluate_run(run, baselines=False, wandb_project="scimilarity-lora-test")
+    (offline,) = (run / "evaluation" / "wandb").glob("offline-run-*")
+    media = {part for p in offline.glob("files/media/**/*") if p.is_file() for part in p.parts}
+    assert {"images", "table"} <= media
+    record = next(offline.glob("run-*.wandb")).read_bytes()
+    assert b"evaluation/macro_f1" in record and str(sweep[0]).encode() in record  # the sweep's group
+
+
+def test_summary_over_seeds_groups_by_the_swept_setting():
+    from scimilarity_lora.summarize import over_seeds
+
+    df = pd.DataFrame({"job": ["0", "1", "2", "3"], "finetune": ["lora", "lora", "full", "full"],
+                       "seed": ["0", "1", "0", "1"], "trainer.enable_progress_bar": ["False"] * 4,
+                       "test/macro_f1": [0.6, 0.8, 0.4, 0.5]})
+    df.attrs["override_keys"] = ["finetune", "seed", "trainer.enable_progress_bar"]
+    out = over_seeds(df).set_index("finetune")
+    assert out.loc["lora", "test/macro_f1 mean"] == pytest.approx(0.7)
+    assert out.loc["full", "n_seeds"] == 2

@@ -90,7 +90,7 @@ def _logistic_regression(train_x: np.ndarray, train_y: np.ndarray, test_x: np.nd
 
 
 def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 0.9, baselines: bool = True,
-                 max_baseline_cells: int = 50_000) -> dict[str, Any]:
+                 max_baseline_cells: int = 50_000, wandb_project: str | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not (run_dir / ".hydra" / "config.yaml").is_file() or not (run_dir / "model").is_dir():
         raise EvaluationError(f"{run_dir} is not a finished training run (needs .hydra/config.yaml and model/)")
@@ -151,8 +151,37 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(render_markdown(report, json.loads((run_dir / "metrics.json").read_text())))
     plot_confusion_matrix(model_report["confusion_matrix"], classes, out / "confusion_matrix.png")
+    if wandb_project:
+        log_to_wandb(report, run_dir, out, wandb_project)
     log.info("evaluation written to %s", out)
     return report
+
+
+def log_to_wandb(report: dict, run_dir: Path, out: Path, project: str) -> None:
+    """One W&B run (job_type 'evaluate') in the training run's group: scalars, confusion matrix, tables.
+
+    Respects WANDB_MODE (offline writes under <run_dir>/evaluation/wandb)."""
+    import wandb
+
+    # the same group the training job used: the sweep dir for multirun jobs, the run dir for a single run
+    group = str(run_dir.parent) if run_dir.name.isdigit() else str(run_dir)
+    run = wandb.init(project=project, group=group, job_type="evaluate", name=f"evaluate-{run_dir.name}",
+                     dir=str(out), config={"run_dir": str(run_dir)}, reinit="finish_previous")
+    m = report["model"]
+    scalars = {f"evaluation/{k}": m[k] for k in ("accuracy", "macro_f1", "balanced_accuracy")}
+    scalars.update({f"evaluation/forgetting/{k}": v for k, v in report["forgetting"].items() if isinstance(v, float)})
+    scalars.update({f"evaluation/baselines/{name}/macro_f1": b["macro_f1"] for name, b in report.get("baselines", {}).items()})
+    run.log({
+        **scalars,
+        "evaluation/confusion_matrix": wandb.Image(str(out / "confusion_matrix.png")),
+        "evaluation/per_class": wandb.Table(
+            columns=["cell_type", "precision", "recall", "f1", "support"],
+            data=[[c, v["precision"], v["recall"], v["f1"], v["support"]] for c, v in m["per_class"].items()]),
+        "evaluation/top_confusions": wandb.Table(
+            columns=["true", "predicted", "count", "fraction_of_true"],
+            data=[[t["true"], t["predicted"], t["count"], t["fraction_of_true"]] for t in report["top_confusions"]]),
+    })
+    run.finish()
 
 
 def _check_splits(run_dir: Path, datamodule) -> None:
