@@ -173,3 +173,27 @@ def test_ddp_on_cpu_two_processes(tmp_path):
     assert "MEMBER: 2/2" in res.stderr + res.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs_trained"] == 2 and 0 <= metrics["test/accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_optuna_sweep_maximises_val_macro_f1(tmp_path):
+    res = run_train_cli(["-m", "hparams_search=pbmc_optuna", "model=tiny", "trainer.max_epochs=1",
+                         "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1",
+                         f"hydra.sweep.dir={tmp_path}", "trainer.enable_progress_bar=false"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    import yaml
+
+    result = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    scores = [json.loads((tmp_path / str(i) / "metrics.json").read_text())["val/macro_f1"] for i in (0, 1)]
+    assert result["best_value"] == pytest.approx(max(scores))
+    assert {"lora.r", "lora.alpha", "lora.target_modules"} <= set(result["best_params"])
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
+    res = run_train_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=tiny",
+                         "trainer.max_epochs=1", "lora.r=2,4", f"hydra.sweep.dir={tmp_path}",
+                         "trainer.enable_progress_bar=false"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
+    assert sorted(json.loads((tmp_path / str(i) / "metrics.json").read_text())["finetune"]["r"] for i in (0, 1)) == [2, 4]
