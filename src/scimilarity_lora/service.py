@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
@@ -206,7 +205,6 @@ class SCimilarityLoRA:
         torch.set_num_threads(THREADS)
         self.predictor = CellTypePredictor.load(self.model.path)
         self.batcher = MicroBatcher(self.predictor)
-        self._lock = threading.Lock()
         info = self.model.info
         _STATE["metadata"] = {
             "model_tag": str(info.tag),
