@@ -84,6 +84,13 @@ def test_the_seeds_curl_example(served):
     assert body["values"] == "counts"
 
 
+def test_curl_without_a_content_type_is_read_as_json(served):
+    r = requests.post(f"{served['url']}/predict", data='{"expression": {"CD3D": 1.2, "MS4A1": 3.4}}',
+                      headers={"content-type": "application/x-www-form-urlencoded"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["genes_used"] == 2
+
+
 def _cells(pbmc, n=12):
     X = pbmc.raw.X[:n].tocsr()
     genes = np.asarray(pbmc.raw.var_names)

@@ -176,6 +176,25 @@ class _TooLarge(Exception):
     pass
 
 
+class JSONByDefault:
+    """Every POST endpoint here takes JSON. ``curl -d`` without ``-H 'content-type: application/json'`` sends
+    form encoding, which BentoML would parse as form fields and reject with a confusing message; treat a missing or
+    form content type as JSON instead."""
+
+    FORM = (b"", b"application/x-www-form-urlencoded")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+            content_type = dict(scope.get("headers") or []).get(b"content-type", b"").split(b";")[0].strip()
+            if content_type in self.FORM:
+                scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 _STATE: dict[str, Any] = {}
 
 
@@ -285,6 +304,7 @@ class SCimilarityLoRA:
 
 
 SCimilarityLoRA.add_asgi_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+SCimilarityLoRA.add_asgi_middleware(JSONByDefault)
 
 
 def _gene_error(e: GeneAlignmentError, n: int) -> str:
