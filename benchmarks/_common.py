@@ -17,9 +17,10 @@ def write_result(result: dict, out: str | Path) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}))
 
 
-def pbmc_request_bodies(batch_cells: int, top_k: int | None = None) -> tuple[list[bytes], list[bytes]]:
-    """The bundled PBMCs as raw integer counts (what clients send), JSON-encoded once: single-cell /predict
-    bodies and CSR-like /predict_batch bodies of ``batch_cells`` cells."""
+def pbmc_request_bodies(batch_cells: int, top_k: int | None = None,
+                        npz: bool = False) -> tuple[list[bytes], list[bytes]]:
+    """The bundled PBMCs as raw integer counts (what clients send), encoded once: single-cell /predict bodies and
+    CSR-like /predict_batch bodies of ``batch_cells`` cells (JSON, or .npz for /v1/predict_batch_npz)."""
     from scimilarity_lora.data.soma_store import pbmc_counts
 
     counts = pbmc_counts()
@@ -30,6 +31,14 @@ def pbmc_request_bodies(batch_cells: int, top_k: int | None = None) -> tuple[lis
     batches = []
     for s in range(0, X.shape[0] - batch_cells + 1, batch_cells):
         B = X[s:s + batch_cells]
+        if npz:
+            import io
+
+            buf = io.BytesIO()
+            np.savez(buf, genes=genes.astype(str), indptr=B.indptr, indices=B.indices, data=B.data,
+                     top_k=top_k or 3)
+            batches.append(buf.getvalue())
+            continue
         body = {"sparse": {"genes": genes.tolist(), "indptr": B.indptr.tolist(), "indices": B.indices.tolist(),
                            "data": B.data.astype(int).tolist()}}
         if top_k is not None:

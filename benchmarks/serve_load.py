@@ -130,6 +130,7 @@ def main() -> None:
     from scimilarity_lora.predictor import CellTypePredictor
 
     singles, batches = pbmc_request_bodies(args.batch_cells, top_k=1)
+    _, npz_batches = pbmc_request_bodies(args.batch_cells, top_k=1, npz=True)
     counts = pbmc_counts()
     X = counts.X.tocsr()
     genes = np.asarray(counts.var["feature_name"])
@@ -161,18 +162,20 @@ def main() -> None:
         single = [asyncio.run(load(url, singles, int(c), args.seconds, "/predict", server_log=log))
                   for c in args.concurrency.split(",")]
         batch = asyncio.run(load(url, batches, 2, args.seconds, "/predict_batch", args.batch_cells, server_log=log))
+        batch_npz = asyncio.run(load(url, npz_batches, 2, args.seconds, "/v1/predict_batch_npz", args.batch_cells))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
 
     result = {
         "benchmark": "serve_load", "model_genes": len(predictor.genes), "classes": len(predictor.classes),
-        "seconds_per_level": args.seconds, "single": single, "batch": batch,
+        "seconds_per_level": args.seconds, "single": single, "batch": batch, "batch_npz": batch_npz,
         "in_process_forward_cells_per_s": round(forward_cps), "in_process_featurize_forward_cells_per_s":
             round(featurize_forward_cps),
         "served_batch_over_in_process_forward": round(batch["cells_per_s"] / forward_cps, 3),
         "served_batch_over_in_process_featurize_forward": round(batch["cells_per_s"] / featurize_forward_cps, 3),
-        "total_errors": sum(s["errors"] for s in single) + batch["errors"],
+        "served_npz_batch_over_in_process_forward": round(batch_npz["cells_per_s"] / forward_cps, 3),
+        "total_errors": sum(s["errors"] for s in single) + batch["errors"] + batch_npz["errors"],
         "server_env": {k: os.environ[k] for k in ("SCIMILARITY_LORA_WORKERS", "SCIMILARITY_LORA_TORCH_THREADS")
                        if k in os.environ},
     }

@@ -1,5 +1,6 @@
 """A real `bentoml serve` on 127.0.0.1, driven over HTTP, with a model trained in this test session."""
 
+import io
 import json
 import os
 import signal
@@ -114,6 +115,41 @@ def test_predictions_equal_the_in_process_model(served, pbmc):
     for p, e in zip(compact["predictions"], expected):
         assert {t["cell_type"]: t["probability"] for t in p["top_k"]} == pytest.approx(
             dict(zip(classes, e.tolist())), abs=1e-5)
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_binary_batch_equals_the_json_batch(served, pbmc):
+    X, cells = _cells(pbmc)
+    genes = np.asarray(pbmc.raw.var_names).astype(str)
+    body = _npz(genes=genes, indptr=X.indptr, indices=X.indices, data=X.data, values=np.str_("log1p"), top_k=10)
+    r = requests.post(f"{served['url']}/v1/predict_batch_npz", data=body, timeout=30,
+                      headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    expected, _ = served["predictor"].predict(X, list(genes), input_is_log1p=True)
+    classes = served["predictor"].classes
+    for p, e in zip(r.json()["predictions"], expected):
+        assert {t["cell_type"]: t["probability"] for t in p["top_k"]} == pytest.approx(
+            dict(zip(classes, e.tolist())), abs=1e-5)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"not an npz", "body must be an .npz"),
+    (_npz(genes=np.array(["CD3D"]), indptr=np.array([0, 1]), indices=np.array([0])), "data"),
+    (_npz(genes=np.array(["CD3D"]), indptr=np.array([0, 2]), indices=np.array([0]), data=np.array([1.0])), "indptr"),
+    (_npz(genes=np.array(["CD3D"]), indptr=np.array([0, 1]), indices=np.array([0]), data=np.array([-1.0])),
+     "cell 0: negative"),
+    (_npz(genes=np.array(["CD3D"]), indptr=np.array([0, 1]), indices=np.array([0]), data=np.array([np.nan])), "NaN"),
+    (_npz(genes=np.array(["NOPE"]), indptr=np.array([0, 1]), indices=np.array([0]), data=np.array([1.0])), "none of"),
+    (_npz(genes=np.array([1, 2]), indptr=np.array([0, 1]), indices=np.array([0]), data=np.array([1.0])), "strings"),
+])
+def test_binary_batch_bad_input(served, body, message):
+    r = requests.post(f"{served['url']}/v1/predict_batch_npz", data=body, timeout=30)
+    assert r.status_code == 400 and message in r.json()["error"], r.text
 
 
 def test_embed_matches_the_in_process_encoder(served, pbmc):
