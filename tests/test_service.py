@@ -287,3 +287,24 @@ def test_fuzz_batch_endpoint(served, payload):
         assert r.json()["n_cells"] == len(r.json()["predictions"])
     else:
         assert "error" in error_text(r)
+
+
+small_ints = st.lists(st.integers(-3, 10), max_size=8).map(lambda v: np.array(v, dtype=np.int64))
+npz_bodies = st.one_of(
+    st.binary(max_size=512),
+    st.builds(lambda genes, indptr, indices, data: _npz(genes=np.array(genes, dtype=str), indptr=indptr,
+                                                         indices=indices, data=np.array(data, dtype=np.float32)),
+              st.lists(st.sampled_from(GENES[:8]), min_size=1, max_size=5, unique=True), small_ints, small_ints,
+              st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=8)),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=npz_bodies)
+def test_fuzz_binary_batch_endpoint(served, body):
+    r = requests.post(f"{served['url']}/v1/predict_batch_npz", data=body, timeout=20)
+    assert r.status_code in (200, 400), (r.status_code, r.text[:300])
+    if r.status_code == 400:
+        assert r.json()["error"]
+    else:
+        assert r.json()["n_cells"] == len(r.json()["predictions"])

@@ -21,7 +21,6 @@ import asyncio
 import io
 import logging
 import os
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
@@ -213,21 +212,26 @@ async def _predict_batch_npz(request: Request) -> JSONResponse:
     svc = _STATE.get("service")
     if svc is None:
         return JSONResponse({"error": "model not loaded yet"}, status_code=503)
-    try:
-        with np.load(io.BytesIO(await request.body()), allow_pickle=False) as f:
-            parts = [f[k] for k in ("genes", "indptr", "indices", "data")]
+    body = await request.body()
+    try:  # np.load's exceptions on malformed input are not enumerable (EOFError, ValueError, BadZipFile, ...)
+        with np.load(io.BytesIO(body), allow_pickle=False) as f:
+            parts = [np.asarray(f[k]) for k in ("genes", "indptr", "indices", "data")]
             values = str(f["values"]) if "values" in f.files else "counts"
             top_k = int(f["top_k"]) if "top_k" in f.files else 3
-        if parts[0].dtype.kind != "U" or values not in ("counts", "log1p") or not 1 <= top_k <= 100:
-            raise ValueError("genes must be strings, values 'counts' or 'log1p', top_k 1..100")
+    except Exception as e:  # noqa: BLE001 - any parse failure is the client's malformed body
+        return JSONResponse({"error": "body must be an .npz (np.savez) with arrays genes, indptr, indices, data "
+                                      f"and optional values, top_k ({type(e).__name__}: {e})"}, status_code=400)
+    if parts[0].dtype.kind != "U" or values not in ("counts", "log1p") or not 1 <= top_k <= 100:
+        return JSONResponse({"error": "genes must be strings, values 'counts' or 'log1p', top_k 1..100"},
+                            status_code=400)
+    if any(p.dtype.kind not in "iu" for p in parts[1:3]) or parts[3].dtype.kind not in "iuf":
+        return JSONResponse({"error": "indptr and indices must be integer arrays, data numeric"}, status_code=400)
+    try:
         X, genes = csr_from_parts(*parts)
         _check_rows(X, values)
         x, alignment = svc._featurize(X, genes, values)
     except InvalidArgument as e:
         return JSONResponse({"error": str(e)}, status_code=400)
-    except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as e:
-        return JSONResponse({"error": "body must be an .npz (np.savez) with arrays genes, indptr, indices, data "
-                                      f"and optional values, top_k: {e}"}, status_code=400)
     probs, _ = await svc.batcher.run(x)
     return JSONResponse(svc._batch_response(probs, top_k, [alignment.n_overlap] * len(probs)))
 
