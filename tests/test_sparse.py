@@ -1,5 +1,6 @@
 """The sparse first-layer path gives the dense path's outputs and gradients, with LoRA on every target set."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,3 +61,20 @@ def test_full_finetuning_and_merged_models_take_the_sparse_path():
 
 def test_density_rule():
     assert choose(synthetic_counts(100, 1000, density=0.03)) and not choose(synthetic_counts(100, 1000, density=0.3))
+
+
+def test_predictor_streams_sparse_batches_and_matches_dense(real_gene_order, pbmc):
+    """annotate/predict on a full-size model never densifies a batch, and gives the dense path's answer."""
+    from scimilarity_lora.module import ClassifierHead
+    from scimilarity_lora.predictor import CellTypePredictor
+
+    torch.manual_seed(0)
+    predictor = CellTypePredictor(Encoder(len(real_gene_order), 8, [16]), ClassifierHead(8, 3), real_gene_order,
+                                  ["a", "b", "c"], Preprocessing())
+    X, genes = pbmc.raw.X[:200], list(pbmc.raw.var_names)
+    alignment = predictor.alignment(genes)
+    assert isinstance(predictor.featurize(X, alignment, True, output="auto"), SparseBatch)  # ~1% of 28,231 genes
+    probs, emb = predictor.predict(X, genes, input_is_log1p=True, batch_size=64)
+    dense_probs, dense_emb = predictor.forward(predictor.featurize(X, alignment, True))
+    np.testing.assert_allclose(probs, dense_probs.numpy(), atol=1e-5)
+    np.testing.assert_allclose(emb, dense_emb.numpy(), atol=1e-5)

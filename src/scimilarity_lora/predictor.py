@@ -20,6 +20,7 @@ from scimilarity_lora.encoder import Encoder, EncoderConfig, load_encoder_weight
 from scimilarity_lora.genes import GeneAlignment, align_genes, gene_positions
 from scimilarity_lora.module import ClassifierHead
 from scimilarity_lora.preprocess import Preprocessing
+from scimilarity_lora.sparse import SparseBatch
 
 
 class CellTypePredictor:
@@ -55,13 +56,16 @@ class CellTypePredictor:
                                                 min_overlap=min_overlap, model_positions=self.gene_positions)
         return self._alignments[key]
 
-    def featurize(self, X: sp.spmatrix | np.ndarray, alignment: GeneAlignment, input_is_log1p: bool = False) -> torch.Tensor:
+    def featurize(self, X: sp.spmatrix | np.ndarray, alignment: GeneAlignment, input_is_log1p: bool = False,
+                  output: str = "dense") -> "torch.Tensor | SparseBatch":
+        """Align + normalise. ``output="auto"`` keeps sparse batches sparse (the encoder's sparse first layer);
+        the service asks for dense because its micro-batcher concatenates requests."""
         prep = replace(self.preprocessing, input_is_log1p=input_is_log1p)
-        return prep(alignment.apply(X))
+        return prep(alignment.apply(X), output=output)
 
     # -- model -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: "torch.Tensor | SparseBatch") -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities, embeddings) for preprocessed inputs."""
         z = self.encoder(x)
         return torch.softmax(self.head(z), dim=1), z
@@ -80,6 +84,7 @@ class CellTypePredictor:
 
             starts = tqdm(starts, desc="annotating", unit="batch")
         for s in starts:
-            p, z = self.forward(self.featurize(X[s:s + batch_size], alignment, input_is_log1p))
+            # never a dense cells x 28,231 copy of a sparse batch: 4,096 cells would be 462 MB
+            p, z = self.forward(self.featurize(X[s:s + batch_size], alignment, input_is_log1p, output="auto"))
             probs[s:s + batch_size], emb[s:s + batch_size] = p.numpy(), z.numpy()
         return probs, emb
