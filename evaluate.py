@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from scimilarity_lora.evaluate import evaluate_run
+    from scimilarity_lora.evaluation.evaluate import evaluate_run
 
     evaluate_run(cfg.run_dir, knn_k=cfg.knn_k, target_accuracy=cfg.target_accuracy, baselines=cfg.baselines,
                  max_baseline_cells=cfg.max_baseline_cells, wandb_project=cfg.wandb_project)

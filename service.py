@@ -1,5 +1,5 @@
 """Entry point for `bentoml serve` / `bentoml build` from the repository root (see bentofile.yaml)."""
 
-from scimilarity_lora.service import SCimilarityLoRA
+from scimilarity_lora.serving.service import SCimilarityLoRA
 
 __all__ = ["SCimilarityLoRA"]

@@ -8,14 +8,14 @@
 import hydra
 from omegaconf import DictConfig
 
-from scimilarity_lora.resolvers import register
+from scimilarity_lora.training.resolvers import register
 
 register()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from scimilarity_lora.train import run  # imported lazily: config errors surface before heavy imports
+    from scimilarity_lora.training.run import run  # imported lazily: config errors surface before heavy imports
 
     return run(cfg)
 

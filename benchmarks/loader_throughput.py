@@ -1,7 +1,7 @@
 """Is the loader ever the bottleneck? Cells/s of Census streaming, the in-memory AnnData path and the full-size
 training step, measured side by side in one process, plus peak RSS. Prints one JSON line.
 
-    python benchmarks/loader_throughput.py --n-cells 100000 --gene-order ../shared/data/gene_order.tsv
+    python benchmarks/loader_throughput.py --n-cells 100000
 
 All loaders emit what training consumes: batches aligned to the 28,231-gene order and log-normalised.
 """
@@ -58,7 +58,7 @@ def cells_per_second(loader, warmup_batches: int, max_batches: int) -> tuple[flo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-cells", type=int, default=100_000)
-    p.add_argument("--gene-order", default=str(Path(__file__).resolve().parents[2] / "shared/data/gene_order.tsv"))
+    p.add_argument("--gene-order", default="scimilarity", help="\"scimilarity\" (the packaged order) or a gene_order.tsv")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--io-batch-size", type=int, default=16384)
     p.add_argument("--batches", type=int, default=None,
@@ -70,12 +70,12 @@ def main() -> None:
 
     from scimilarity_lora.data.anndata import AnnDataModule
     from scimilarity_lora.data.census import CensusDataModule
-    from scimilarity_lora.genes import read_gene_order
-    from scimilarity_lora.lora import FinetuneConfig
-    from scimilarity_lora.module import CellTypeClassifier
-    from scimilarity_lora.encoder import EncoderConfig
+    from scimilarity_lora.genes import resolve_gene_order
+    from scimilarity_lora.model.adapters import FinetuneConfig
+    from scimilarity_lora.training.module import CellTypeClassifier
+    from scimilarity_lora.model.encoder import EncoderConfig
 
-    genes = read_gene_order(args.gene_order)
+    genes = resolve_gene_order(args.gene_order)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_loader_"))
     store, h5ad = work / "soma", work / "cells.h5ad"
     t = time.perf_counter()

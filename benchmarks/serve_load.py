@@ -37,7 +37,7 @@ def free_port() -> int:
 
 def start_server(run_dir: Path, home: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    tag = subprocess.run([sys.executable, "-m", "scimilarity_lora.export", str(run_dir)], env=env, cwd=REPO,
+    tag = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(run_dir)], env=env, cwd=REPO,
                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     env["SCIMILARITY_LORA_MODEL"] = tag
     proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -127,7 +127,7 @@ def main() -> None:
     import torch
 
     from scimilarity_lora.data.soma_store import pbmc_counts
-    from scimilarity_lora.predictor import CellTypePredictor
+    from scimilarity_lora.inference.predictor import CellTypePredictor
 
     singles, batches = pbmc_request_bodies(args.batch_cells, top_k=1)
     _, npz_batches = pbmc_request_bodies(args.batch_cells, top_k=1, npz=True)

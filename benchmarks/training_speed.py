@@ -1,7 +1,7 @@
 """Full-size LoRA fine-tuning speed against the bare-PyTorch limit, sparse vs dense input, merged inference.
 In one process, same batch size and threads, synthetic sparse counts at several densities. Prints one JSON line.
 
-    python benchmarks/training_speed.py --gene-order ../shared/data/gene_order.tsv
+    python benchmarks/training_speed.py
 
 1. limit: a bare loop (forward + backward + AdamW step) of the same LoRA model on pre-built dense tensors;
 2. ours: Lightning Trainer + AnnDataModule + preprocessing, timed from the 3rd batch to the end of fit (data
@@ -27,10 +27,10 @@ import scipy.sparse as sp
 import torch
 
 from scimilarity_lora.data.anndata import AnnDataModule
-from scimilarity_lora.encoder import EncoderConfig
-from scimilarity_lora.genes import read_gene_order
-from scimilarity_lora.lora import FinetuneConfig, merged_encoder
-from scimilarity_lora.module import CellTypeClassifier
+from scimilarity_lora.model.encoder import EncoderConfig
+from scimilarity_lora.genes import resolve_gene_order
+from scimilarity_lora.model.adapters import FinetuneConfig, merged_encoder
+from scimilarity_lora.training.module import CellTypeClassifier
 from scimilarity_lora.preprocess import Preprocessing
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -110,13 +110,13 @@ def inference(encoder, head, x, repeats=8) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--gene-order", default=str(Path(__file__).resolve().parents[2] / "shared/data/gene_order.tsv"))
+    p.add_argument("--gene-order", default="scimilarity", help="\"scimilarity\" (the packaged order) or a gene_order.tsv")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--densities", default="0.03,0.05,0.10")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "training_speed.json"))
     args = p.parse_args()
-    genes = read_gene_order(args.gene_order)
+    genes = resolve_gene_order(args.gene_order)
     work = Path(tempfile.mkdtemp(prefix="bench_speed_"))
     n_cells = args.batch_size * (args.steps + 4) * 1.12  # train split gets ~90%
     rows = []

@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from scimilarity_lora.resolvers import register
+from scimilarity_lora.training.resolvers import register
 
 register()
 
@@ -40,3 +40,24 @@ def run_train_cli(args: list[str], timeout: int = 600, env: dict | None = None) 
         [sys.executable, str(REPO / "train.py"), *args], cwd=REPO, capture_output=True, text=True,
         timeout=timeout, env=full_env,
     )
+
+
+def make_predictor(n_genes_or_genes, latent: int = 8, hidden: list[int] | None = None, classes: list[str] | None = None,
+                   gene_aliases: bool = True, seed: int = 0):
+    """A predictor around a small random classifier (for tests of the inference and serving layers)."""
+    from scimilarity_lora.inference.artifact import ModelSpec
+    from scimilarity_lora.inference.predictor import CellTypePredictor
+    from scimilarity_lora.model.classifier import CellClassifier
+    from scimilarity_lora.model.encoder import EncoderConfig
+    from scimilarity_lora.preprocess import Preprocessing
+
+    genes = (list(n_genes_or_genes) if not isinstance(n_genes_or_genes, int)
+             else [f"g{i}" for i in range(n_genes_or_genes)])
+    classes = classes or list("abc")
+    config = EncoderConfig(len(genes), latent, tuple(hidden or [16]))
+    spec = ModelSpec(encoder=config, genes=genes, classes=classes, preprocessing=Preprocessing(),
+                     finetune={"mode": "full"}, gene_aliases=gene_aliases)
+    import torch
+
+    torch.manual_seed(seed)
+    return CellTypePredictor(CellClassifier.build(config, len(classes)), spec)

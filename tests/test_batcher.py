@@ -5,17 +5,13 @@ import asyncio
 import numpy as np
 import torch
 
-from scimilarity_lora.encoder import Encoder
-from scimilarity_lora.module import ClassifierHead
-from scimilarity_lora.predictor import CellTypePredictor
-from scimilarity_lora.preprocess import Preprocessing
-from scimilarity_lora.service import MicroBatcher
+from helpers import make_predictor
+from scimilarity_lora.serving.batcher import MicroBatcher
 
 
 def test_concurrent_requests_are_batched_and_answered_in_order():
     torch.manual_seed(0)
-    predictor = CellTypePredictor(Encoder(50, 8, [16]), ClassifierHead(8, 4), [f"g{i}" for i in range(50)],
-                                  list("abcd"), Preprocessing())
+    predictor = make_predictor(50, classes=list("abcd"))
     batcher = MicroBatcher(predictor, max_batch_rows=16)
     requests = [torch.rand(1 if i % 3 else 2, 50) for i in range(40)]  # single cells and small batches
 

@@ -16,7 +16,7 @@ from scimilarity_lora.data.census import CensusBatch, CensusDataModule
 from scimilarity_lora.data.soma_store import OBS_COLUMNS, pbmc_counts, write_census_store
 from scimilarity_lora.labels import LabelError
 from scimilarity_lora.preprocess import Preprocessing
-from scimilarity_lora.train import run
+from scimilarity_lora.training.run import run
 
 
 @pytest.fixture(scope="session")
@@ -112,14 +112,14 @@ def test_streamed_batches_equal_the_in_memory_path(store, store_adata, real_gene
     auto, _ = CensusBatch(dm.alignment, dm.preprocessing, dm.label_key, dm.labels.classes)((X, obs))
     assert type(auto).__name__ == "SparseBatch" and torch.equal(auto.to_dense(), x)  # 716 of 28,231 genes: sparse
     rows = obs["soma_joinid"].to_numpy()
-    from scimilarity_lora.genes import align_genes
+    from scimilarity_lora.genes import align_genes, symbol_aliases
 
-    al = align_genes(list(store_adata.var["feature_name"]), real_gene_order)
+    al = align_genes(list(store_adata.var["feature_name"]), real_gene_order, aliases=symbol_aliases())
     expected = Preprocessing()(al.apply(store_adata.X[rows])).numpy()
     assert x.shape == (len(rows), 28231)
     np.testing.assert_allclose(x.numpy(), expected, atol=1e-5)
     assert dm.labels.decode(y.tolist()) == list(store_adata.obs["cell_type"].iloc[rows].astype(str))
-    assert dm.alignment.n_overlap == 716
+    assert dm.alignment.n_overlap == 748 and len(dm.alignment.rescued) == 32  # 32 through old/alias symbols
 
 
 def test_bad_inputs(store, store_adata, tmp_path):
@@ -142,3 +142,25 @@ def test_train_on_census_store(store, tmp_path):
     assert sum(metrics["n_cells"].values()) > 2900 and metrics["epochs_trained"] == 2
     splits = pd.read_csv(out / "splits.csv")
     assert set(splits["split"]) == {"train", "val", "test"} and splits["soma_joinid"].is_unique
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_shard_the_census_stream(store, tmp_path):
+    """trainer=ddp on CPU (gloo, 2 processes): each rank streams its own half of the training cells."""
+    import os
+
+    from helpers import REPO, run_train_cli
+
+    env = {"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    seen = tmp_path / "seen"
+    res = run_train_cli(["model=tiny", "data=census", f"data.uri={store}", "data.io_batch_size=1024",
+                         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1",
+                         "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}",
+                         "+callbacks.rank._target_=rank_recorder.CellsPerRank", f"+callbacks.rank.out={seen}"],
+                        env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cells = {p.name: json.loads(p.read_text())["cells"] for p in seen.glob("*.json")}
+    assert set(cells) == {"rank0_of2_epoch0.json", "rank1_of2_epoch0.json"}
+    n_train = len(pd.read_csv(tmp_path / "run" / "splits.csv").query("split == 'train'"))
+    assert abs(cells["rank0_of2_epoch0.json"] - cells["rank1_of2_epoch0.json"]) <= 64  # within one batch
+    assert n_train - 128 <= sum(cells.values()) <= n_train  # together they cover the slice once, not twice

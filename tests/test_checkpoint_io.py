@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import scimilarity_lora.checkpoint_io as checkpoint_io
-from scimilarity_lora.artifact import load_lightning_checkpoint
-from scimilarity_lora.checkpoint_io import AtomicCheckpointIO
+import scimilarity_lora.training.checkpoint_io as checkpoint_io
+from scimilarity_lora.training.checkpoint_io import load_lightning_checkpoint
+from scimilarity_lora.training.checkpoint_io import AtomicCheckpointIO
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

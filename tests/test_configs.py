@@ -1,5 +1,6 @@
 """Every config group option composes, and bad configs fail before any data is read."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ from hydra.utils import instantiate
 
 from helpers import REPO, compose_train
 import scimilarity_lora.data.anndata as anndata_module
-from scimilarity_lora.train import run
+from scimilarity_lora.training.run import run
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in (REPO / "conf").iterdir() if p.is_dir()}
 OPTIONS = [(g, o) for g, opts in GROUPS.items() if g not in ("hydra", "paths") for o in opts]
@@ -18,10 +19,8 @@ def test_every_group_the_product_promises_exists():
 
 
 @pytest.mark.parametrize("group, option", OPTIONS)
-def test_option_composes(group, option, tmp_path, real_gene_order):
+def test_option_composes(group, option, tmp_path):
     overrides = [f"{group}={option}"]
-    if option == "scimilarity_full":
-        overrides.append("model.gene_order_file=x.tsv")
     if group == "data" and option == "h5ad":
         overrides.append("data.path=x.h5ad")
     if group == "data" and option == "census":
@@ -57,3 +56,83 @@ def test_unknown_override_names_the_key(tmp_path):
 
     with pytest.raises(ConfigCompositionException, match="lora.rank"):
         compose_train(["lora.rank=4"], tmp_path)
+
+
+# -- config means what it says ----------------------------------------------------------------------------------
+def test_an_experiments_top_level_keys_win_over_train_yaml(tmp_path):
+    """`_self_` first: an experiment's tags, seed and optimized_metric are not overwritten by train.yaml."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="experiment", name="_test_top_level", package="_global_",
+                                 node={"seed": 7, "optimized_metric": "val/accuracy", "tags": ["t"]})
+    cfg = compose_train(["experiment=pbmc_lora_vs_frozen"], tmp_path)
+    assert list(cfg.tags) == ["pbmc68k", "modes"]
+    cfg = compose_train(["experiment=_test_top_level"], tmp_path)
+    assert (cfg.seed, cfg.optimized_metric, list(cfg.tags)) == (7, "val/accuracy", ["t"])
+    assert cfg.data.seed == 7  # interpolations follow
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["finetune=frozen", "lora.r=64", "lora.target_modules=bogus"], ["lora.r=64", "lora.target_modules=bogus"]),
+    (["finetune=full", "lora.alpha=-3"], ["lora.alpha=-3"]),
+])
+def test_lora_settings_outside_lora_mode_are_refused(overrides, named, tmp_path, no_data_reads):
+    cfg = compose_train(["model=tiny", *overrides], tmp_path)
+    with pytest.raises(ValueError, match="apply only with finetune=lora") as e:
+        run(cfg)
+    assert all(n in str(e.value) for n in named)
+
+
+def test_the_architecture_is_described_once(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="hidden_dim"):
+        compose_train(["model.base.hidden_dim=[8]"], tmp_path)
+    cfg = compose_train(["model=tiny", "model.hidden_dim=[8,4]", "lora.target_modules=network.1.1"], tmp_path)
+    from scimilarity_lora.training.run import finetune_config
+
+    assert finetune_config(cfg).target_modules == ("network.1.1",)  # the early check reads the one copy
+
+
+def _write_folder(tmp_path, hidden=(32, 16), latent=8):
+    from scimilarity_lora.model.encoder import Encoder
+    from scimilarity_lora.model.folder import save_model_folder
+
+    genes = [f"G{i}" for i in range(40)]
+    return save_model_folder(Encoder(40, latent, hidden), genes, tmp_path / "folder")
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("hidden_dim", [64, 64], r"model.hidden_dim=\[64, 64\] but the model folder .* has hidden sizes \[32, 16\]"),
+    ("latent_dim", 128, r"model.latent_dim=128 but the model folder .* has latent dimension 8"),
+    ("gene_order", "scimilarity", "carries its own gene_order.tsv"),
+])
+def test_architecture_keys_that_disagree_with_the_folder_are_an_error(key, value, says, tmp_path):
+    from scimilarity_lora.model.folder import ModelFolderError, load_base
+
+    folder = _write_folder(tmp_path)
+    with pytest.raises(ModelFolderError, match=says):
+        load_base(pretrained_dir=str(folder), **{key: value})
+    same = load_base(pretrained_dir=str(folder), hidden_dim=[32, 16], latent_dim=8)
+    assert same.encoder.config.hidden_dim == (32, 16)
+
+
+def test_dropout_applies_to_a_pretrained_folder(tmp_path):
+    from scimilarity_lora.model.folder import load_base
+
+    base = load_base(pretrained_dir=str(_write_folder(tmp_path)), dropout=0.1, input_dropout=0.2)
+    assert base.encoder.network[0][0].p == 0.2 and base.encoder.network[1][0].p == 0.1
+
+
+def test_tags_reach_metrics_and_every_logger(tmp_path):
+    cfg = compose_train(["model=tiny", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                         "logger=many", "tags=[pbmc,first-try]"], tmp_path)
+    assert list(cfg.logger.wandb.tags) == ["pbmc", "first-try", "lora"]
+    run(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["tags"] == ["pbmc", "first-try"]
+    hparams = (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
+    assert "- pbmc" in hparams and "- first-try" in hparams
+    (record,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"first-try" in record.read_bytes()
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))

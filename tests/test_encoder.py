@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from scimilarity_lora.encoder import (
-    Encoder,
-    ModelFolderError,
-    load_base,
-    load_model_folder,
-    save_model_folder,
-)
-from scimilarity_lora.lora import FinetuneConfig, prepare_encoder
+from scimilarity_lora.model.encoder import Encoder
+from scimilarity_lora.model.folder import ModelFolderError, load_base, load_model_folder, save_model_folder
+from scimilarity_lora.model.adapters import FinetuneConfig, prepare_encoder
 
 
 def real_scimilarity_nn_models():
@@ -94,8 +89,7 @@ def test_our_folders_load_in_scimilarity(tmp_path):
 
 
 def test_full_size_architecture_from_the_real_gene_order(real_gene_order, tmp_path):
-    (tmp_path / "g.tsv").write_text("\n".join(real_gene_order))
-    base = load_base(gene_order_file=str(tmp_path / "g.tsv"))
+    base = load_base(gene_order="scimilarity")
     n_params = sum(p.numel() for p in base.encoder.parameters())
     first = base.encoder.network[0][1].weight.numel()
     assert first == 28231 * 1024

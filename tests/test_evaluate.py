@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from helpers import REPO, run_train_cli
-from scimilarity_lora.artifact import classifier_from_checkpoint
-from scimilarity_lora.evaluate import EvaluationError, _features, base_encoder, evaluate_run
-from scimilarity_lora.predictor import CellTypePredictor
-from scimilarity_lora.summarize import summarize
+from scimilarity_lora.training.checkpoint_io import classifier_from_checkpoint
+from scimilarity_lora.evaluation.evaluate import EvaluationError, base_encoder, evaluate_run
+from scimilarity_lora.inference.predictor import CellTypePredictor
+from scimilarity_lora.evaluation.summarize import summarize
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +51,32 @@ def test_frozen_probe_does_not_forget(sweep):
     assert lora["mean_cosine"] < 1.0 - 1e-4  # the adapter did move the embedding
 
 
-def test_recreated_base_equals_the_lora_model_with_its_adapter_disabled(sweep):
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
+def test_recorded_base_equals_the_lora_model_with_its_adapter_disabled(sweep):
+    """Training saves the stand-in base (no RNG replay): reloaded, it is the LoRA model minus its adapter."""
     run = sweep[0] / "0"
     metrics = json.loads((run / "metrics.json").read_text())
     module = classifier_from_checkpoint(metrics["best_checkpoint"])
-    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-    base = base_encoder(run, cfg, list(module.hparams["gene_order"])).eval()
+    predictor = CellTypePredictor.load(run / "model")
+    assert predictor.spec.base["sha256"] == metrics["base_model"]["sha256"] and (run / "base" / "encoder.ckpt").is_file()
+    base = base_encoder(run, predictor.spec).eval()
     x = torch.rand(32, len(module.hparams["gene_order"])) * 3
     with torch.no_grad(), module.encoder.disable_adapter():
         np.testing.assert_allclose(base(x).numpy(), module.encoder.eval()(x).numpy(), atol=1e-6)
+
+
+def test_evaluate_refuses_a_base_whose_weights_changed(sweep, tmp_path):
+    import shutil
+
+    from scimilarity_lora.model.folder import load_model_folder, save_model_folder
+
+    run = tmp_path / "run"
+    shutil.copytree(sweep[0] / "0", run)
+    encoder, genes = load_model_folder(run / "base")
+    with torch.no_grad():
+        encoder.network[0][1].weight[0, 0] += 1e-3
+    save_model_folder(encoder, genes, run / "base")
+    with pytest.raises(EvaluationError, match="not the same base"):
+        evaluate_run(run, baselines=False)
 
 
 def test_evaluate_refuses_a_changed_split(sweep, tmp_path):
@@ -96,7 +110,7 @@ def test_annotate_round_trips_an_h5ad(sweep, pbmc, tmp_path):
     adata.write_h5ad(src)
     out = tmp_path / "annotated.h5ad"
     model = sweep[0] / "0"
-    res = subprocess.run([sys.executable, "-m", "scimilarity_lora.annotate", str(model), str(src), str(out),
+    res = subprocess.run([sys.executable, "-m", "scimilarity_lora.inference.annotate", str(model), str(src), str(out),
                           "--log1p", "--batch-size", "128"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     annotated = ad.read_h5ad(out)
@@ -122,7 +136,7 @@ def test_evaluation_is_logged_to_wandb_offline(sweep, monkeypatch):
 
 
 def test_summary_over_seeds_groups_by_the_swept_setting():
-    from scimilarity_lora.summarize import over_seeds
+    from scimilarity_lora.evaluation.summarize import over_seeds
 
     df = pd.DataFrame({"job": ["0", "1", "2", "3"], "finetune": ["lora", "lora", "full", "full"],
                        "seed": ["0", "1", "0", "1"], "trainer.enable_progress_bar": ["False"] * 4,

@@ -14,7 +14,7 @@ def test_alignment_reorders_zero_fills_and_drops():
     np.testing.assert_array_equal(out, [[2.0, 0.0, 1.0, 0.0], [3.0, 0.0, 0.0, 0.0]])
     assert al.n_overlap == 2 and al.unknown_genes == ("X",)
     assert al.summary() == {"n_model_genes": 4, "n_data_genes": 3, "n_overlap": 2, "overlap_fraction": 0.5,
-                            "n_unknown": 1}
+                            "n_unknown": 1, "n_rescued_by_alias": 0, "rescued_by_alias": {}}
 
 
 def test_alignment_accepts_ensembl_ids_through_a_column():
@@ -61,3 +61,62 @@ def test_gene_order_file_errors(tmp_path):
     (tmp_path / "dup.tsv").write_text("A\nB\nA\n")
     with pytest.raises(GeneAlignmentError, match="more than once"):
         read_gene_order(tmp_path / "dup.tsv")
+
+
+# -- old and alias symbols ---------------------------------------------------------------------------------------
+def test_the_package_ships_scimilaritys_gene_order():
+    from scimilarity_lora.genes import resolve_gene_order, scimilarity_gene_order
+
+    genes = scimilarity_gene_order()
+    assert len(genes) == 28231 and genes[:3] == ["A1BG", "A1BG-AS1", "A1CF"] and genes[-1] == "ZZZ3"
+    assert resolve_gene_order("scimilarity") == genes
+
+
+def test_bundled_pbmc_rescues_32_old_symbols(real_gene_order, pbmc):
+    from scimilarity_lora.genes import symbol_aliases
+
+    data = list(pbmc.raw.var_names)
+    plain = align_genes(data, real_gene_order)
+    al = align_genes(data, real_gene_order, aliases=symbol_aliases())
+    assert (plain.n_overlap, len(plain.unknown_genes)) == (716, 49)
+    assert al.n_overlap == 748 and len(al.rescued) == 32 and len(al.unknown_genes) == 17
+    rescued = dict(al.rescued)
+    assert rescued["TCEB2"] == "ELOB" and rescued["HMHA1"] == "ARHGAP45" and rescued["IGJ"] == "JCHAIN"
+    # the rescued column feeds the model gene it names
+    X = sp.identity(len(data), format="csr", dtype=np.float32)
+    out = al.apply(X)
+    i, j = data.index("TCEB2"), real_gene_order.index("ELOB")
+    assert out[i, j] == 1.0 and out[i].nnz == 1
+    assert al.summary()["n_rescued_by_alias"] == 32 and al.summary()["rescued_by_alias"]["UFD1L"] == "UFD1"
+
+
+def test_an_alias_never_displaces_a_gene_the_data_has_by_name():
+    model = ["ELOB", "CD3D"]
+    al = align_genes(["TCEB2", "ELOB", "CD3D"], model, aliases={"TCEB2": "ELOB"})
+    assert al.rescued == () and al.unknown_genes == ("TCEB2",)
+    assert list(al.source_index[al.target_index == 0]) == [1]
+
+
+def test_two_data_symbols_naming_one_model_gene_are_ambiguous():
+    al = align_genes(["OLD1", "OLD2", "CD3D"], ["NEW", "CD3D"], aliases={"OLD1": "NEW", "OLD2": "NEW"})
+    assert al.rescued == () and set(al.unknown_genes) == {"OLD1", "OLD2"} and al.n_overlap == 1
+
+
+def test_reverse_direction_maps_a_new_name_to_the_models_old_one():
+    from scimilarity_lora.genes import symbol_aliases
+
+    al = align_genes(["AARS1"], ["AARS", "CD3D"], aliases=symbol_aliases())
+    assert al.rescued == (("AARS1", "AARS"),)
+
+
+def test_inference_aligns_through_aliases_like_training(real_gene_order):
+    """The predictor (annotate, the service) rescues old symbols exactly when the model was trained to."""
+    from helpers import make_predictor
+
+    predictor = make_predictor(real_gene_order)
+    X = sp.csr_matrix(np.array([[5.0, 3.0]], dtype=np.float32))
+    old = predictor.predict(X, ["TCEB2", "CD3D"])[0]
+    new = predictor.predict(X, ["ELOB", "CD3D"])[0]
+    np.testing.assert_allclose(old, new, atol=1e-7)
+    assert predictor.alignment(["TCEB2", "CD3D"]).n_overlap == 2
+    assert make_predictor(real_gene_order, gene_aliases=False).alignment(["TCEB2", "CD3D"]).n_overlap == 1

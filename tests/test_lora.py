@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from scimilarity_lora.encoder import Encoder
-from scimilarity_lora.lora import (
+from scimilarity_lora.model.encoder import Encoder
+from scimilarity_lora.model.adapters import (
     FinetuneConfig,
     count_parameters,
     freeze_batchnorm_stats,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_recall_fscore_support
 
-from scimilarity_lora.metrics import (
+from scimilarity_lora.evaluation.metrics import (
     choose_threshold,
     classification_report,
     coverage_accuracy,

@@ -15,8 +15,8 @@ import pytest
 import requests
 
 from helpers import FAST, REPO, compose_train
-from scimilarity_lora.predictor import CellTypePredictor
-from scimilarity_lora.train import run
+from scimilarity_lora.inference.predictor import CellTypePredictor
+from scimilarity_lora.training.run import run
 
 BODY_CAP = 300_000
 
@@ -33,7 +33,7 @@ def served(tmp_path_factory):
     run(compose_train(FAST + ["trainer.max_epochs=3"], root / "run"))
     env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
            "SCIMILARITY_LORA_MAX_BODY_BYTES": str(BODY_CAP), "SCIMILARITY_LORA_MAX_CELLS": "500"}
-    tag = subprocess.run([sys.executable, "-m", "scimilarity_lora.export", str(root / "run")], env=env, cwd=REPO,
+    tag = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(root / "run")], env=env, cwd=REPO,
                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     env["SCIMILARITY_LORA_MODEL"] = tag
     port = free_port()

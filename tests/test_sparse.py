@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import synthetic_counts
-from scimilarity_lora.encoder import Encoder
-from scimilarity_lora.lora import FinetuneConfig, merged_encoder, prepare_encoder
+from scimilarity_lora.model.encoder import Encoder
+from scimilarity_lora.model.adapters import FinetuneConfig, merged_encoder, prepare_encoder
 from scimilarity_lora.preprocess import Preprocessing
-from scimilarity_lora.sparse import SparseBatch, choose
+from scimilarity_lora.model.sparse import SparseBatch, choose
 
 TARGETS = [("input",), ("hidden",), ("output",), ("all",), ("input", "output")]
 
@@ -65,12 +65,10 @@ def test_density_rule():
 
 def test_predictor_streams_sparse_batches_and_matches_dense(real_gene_order, pbmc):
     """annotate/predict on a full-size model never densifies a batch, and gives the dense path's answer."""
-    from scimilarity_lora.module import ClassifierHead
-    from scimilarity_lora.predictor import CellTypePredictor
+    from helpers import make_predictor
 
     torch.manual_seed(0)
-    predictor = CellTypePredictor(Encoder(len(real_gene_order), 8, [16]), ClassifierHead(8, 3), real_gene_order,
-                                  ["a", "b", "c"], Preprocessing())
+    predictor = make_predictor(real_gene_order)
     X, genes = pbmc.raw.X[:200], list(pbmc.raw.var_names)
     alignment = predictor.alignment(genes)
     assert isinstance(predictor.featurize(X, alignment, True, output="auto"), SparseBatch)  # ~1% of 28,231 genes
@@ -78,3 +76,18 @@ def test_predictor_streams_sparse_batches_and_matches_dense(real_gene_order, pbm
     dense_probs, dense_emb = predictor.forward(predictor.featurize(X, alignment, True))
     np.testing.assert_allclose(probs, dense_probs.numpy(), atol=1e-5)
     np.testing.assert_allclose(emb, dense_emb.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["use_dora"])
+def test_a_lora_variant_is_refused_on_the_sparse_path_not_computed_wrongly(variant):
+    """DoRA rescales by a weight norm plain LoRA lacks: the sparse layer must say so, and dense stays available."""
+    from peft import LoraConfig, get_peft_model
+
+    from scimilarity_lora.model.sparse import UnsupportedAdapterError
+
+    dense_x, sparse_x = batch(seed=2)
+    model = get_peft_model(Encoder(500, 16, [64]), LoraConfig(r=4, target_modules=["network.0.1"], **{variant: True}))
+    model.eval()
+    assert torch.isfinite(model(dense_x)).all()
+    with pytest.raises(UnsupportedAdapterError, match="LoRA variant .* data.input_format=dense"):
+        model(sparse_x)

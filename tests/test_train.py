@@ -9,11 +9,11 @@ import torch
 
 from conftest import make_counts_adata
 from helpers import FAST, compose_train, run_train_cli
-from scimilarity_lora.artifact import classifier_from_checkpoint
+from scimilarity_lora.training.checkpoint_io import classifier_from_checkpoint
 from scimilarity_lora.data.anndata import DataError
 from scimilarity_lora.labels import LabelError
-from scimilarity_lora.predictor import CellTypePredictor
-from scimilarity_lora.train import run
+from scimilarity_lora.inference.predictor import CellTypePredictor
+from scimilarity_lora.training.run import run
 
 REQUIRED = {"test/accuracy", "test/macro_f1", "test/per_class_f1", "val/macro_f1", "trainable_params",
             "total_params", "train_seconds", "cells_per_second", "gene_overlap"}
@@ -153,14 +153,14 @@ def test_wandb_offline_run_is_written(tmp_path):
 
 @pytest.mark.slow
 def test_full_size_encoder_smoke(tmp_path, real_gene_order):
-    from conftest import SHARED_GENE_ORDER
-
-    cfg = compose_train(["model=scimilarity_full", f"model.gene_order_file={SHARED_GENE_ORDER}",
+    cfg = compose_train(["model=scimilarity_full",
                          "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                          "trainer.enable_progress_bar=false", "lora.r=8"], tmp_path)
     run(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["gene_overlap"]["n_overlap"] == 716 and metrics["gene_overlap"]["n_model_genes"] == 28231
+    # 716 by name, 32 more through old/alias symbols (TCEB2 -> ELOB, ...)
+    assert metrics["gene_overlap"]["n_overlap"] == 748 and metrics["gene_overlap"]["n_model_genes"] == 28231
+    assert metrics["gene_overlap"]["n_rescued_by_alias"] == 32
     lora_params = 8 * (28231 + 1024) + 2 * 8 * (1024 + 1024) + 8 * (1024 + 128)
     head = 129 * 10
     assert metrics["trainable_params"] == lora_params + head

@@ -17,8 +17,8 @@ python train.py --multirun lora.r=2,8,32 lora.target_modules=input,hidden,output
 
 # evaluation (adds frozen-embedding+LR and genes+LR baselines, forgetting, calibration) and summaries
 for run in "$MODES"/*/ "$RANKS"/*/; do python evaluate.py run_dir="$run" > /dev/null 2>&1; done
-python -m scimilarity_lora.summarize "$MODES"
-python -m scimilarity_lora.summarize "$RANKS"
+python -m scimilarity_lora.evaluation.summarize "$MODES"
+python -m scimilarity_lora.evaluation.summarize "$RANKS"
 for d in "$MODES" "$RANKS"; do
   name=$(basename "$d")
   cp "$d/summary.md" "$HERE/${name}_summary.md"; cp "$d/summary.csv" "$HERE/${name}_summary.csv"

@@ -5,14 +5,22 @@ evaluation, annotation and serving all go through :class:`GeneAlignment`, so the
 column of the encoder a gene feeds.
 
 SCimilarity's own ``align_dataset`` matches by symbol, zero-fills the model genes the data lacks and drops the
-rest; we do the same, and additionally accept Ensembl ids through a ``var`` column.
+rest; we do the same, additionally accept Ensembl ids through a ``var`` column, and rescue genes that the data
+names by an old or alias HGNC symbol (``TCEB2`` for the model's ``ELOB``) through the packaged table
+(``resources/README.md`` gives its provenance and rules).
+
+SCimilarity's 28,231-gene order ships with the package: :func:`scimilarity_gene_order`.
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -40,6 +48,36 @@ def read_gene_order(path: str | Path) -> list[str]:
     return genes
 
 
+#: ``model.gene_order`` value naming the packaged SCimilarity order (rather than a file path)
+SCIMILARITY_GENE_ORDER = "scimilarity"
+
+
+def _resource(name: str) -> Path:
+    return Path(str(resources.files("scimilarity_lora") / "resources" / name))
+
+
+@lru_cache(maxsize=1)
+def _packaged_gene_order() -> tuple[str, ...]:
+    return tuple(read_gene_order(_resource("scimilarity_gene_order.tsv")))
+
+
+def scimilarity_gene_order() -> list[str]:
+    """SCimilarity's 28,231 genes in encoder input order (package data, identical to ``model_v1.1``'s file)."""
+    return list(_packaged_gene_order())
+
+
+def resolve_gene_order(spec: str | Path) -> list[str]:
+    """``"scimilarity"`` (the packaged order) or a path to a ``gene_order.tsv``."""
+    return scimilarity_gene_order() if str(spec) == SCIMILARITY_GENE_ORDER else read_gene_order(spec)
+
+
+@lru_cache(maxsize=1)
+def symbol_aliases() -> dict[str, str]:
+    """Old/alias HGNC symbol -> the symbol SCimilarity's gene order uses (package data, see resources/README.md)."""
+    with gzip.open(_resource("hgnc_symbol_aliases.tsv.gz"), "rt", newline="") as f:
+        return {row["alias"]: row["symbol"] for row in csv.DictReader(f, delimiter="\t")}
+
+
 def gene_positions(genes: Sequence[str]) -> dict[str, int]:
     return {g: i for i, g in enumerate(genes)}
 
@@ -61,6 +99,8 @@ class GeneAlignment:
     target_index: np.ndarray
     n_source: int
     unknown_genes: tuple[str, ...]
+    #: (data symbol, model symbol) pairs matched through the alias table
+    rescued: tuple[tuple[str, str], ...] = field(default=())
 
     @property
     def n_overlap(self) -> int:
@@ -82,6 +122,8 @@ class GeneAlignment:
             "n_overlap": self.n_overlap,
             "overlap_fraction": round(self.overlap_fraction, 6),
             "n_unknown": len(self.unknown_genes),
+            "n_rescued_by_alias": len(self.rescued),
+            "rescued_by_alias": {data: model for data, model in self.rescued},
         }
 
     def projection(self) -> sp.csr_matrix:
@@ -111,11 +153,13 @@ def align_genes(
     min_overlap: int = 1,
     min_overlap_fraction: float = 0.0,
     model_positions: Mapping[str, int] | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> GeneAlignment:
     """Match dataset genes to the model's gene order by symbol (and by Ensembl id if ``data_gene_ids``).
 
     ``model_genes`` may hold symbols and/or Ensembl ids; a dataset gene matches if either its symbol or its id is
-    in the model. Raises :class:`GeneAlignmentError` for duplicated dataset genes or an overlap below the minimum.
+    in the model. With ``aliases`` (e.g. :func:`symbol_aliases`), a data gene that matched nothing is mapped through
+    it when the target is a model gene that no other data gene provides (directly or by another alias). Raises :class:`GeneAlignmentError` for duplicated dataset genes or an overlap below the minimum.
     ``model_positions`` (gene -> index in ``model_genes``) may be passed by callers that align many small gene
     lists against one model (the service), so the 28k-entry map is built once.
     """
@@ -148,6 +192,12 @@ def align_genes(
         taken[j] = symbol
         source.append(i)
         target.append(j)
+    rescued: list[tuple[str, str]] = []
+    if aliases and unknown:
+        unknown, rescued = _rescue_by_alias(unknown, aliases, position, taken, data_genes, source, target)
+    if rescued:
+        order = np.argsort(source, kind="stable")
+        source, target = list(np.asarray(source)[order]), list(np.asarray(target)[order])
 
     alignment = GeneAlignment(
         model_genes=model_genes if isinstance(model_genes, tuple) else tuple(model_genes),
@@ -155,6 +205,7 @@ def align_genes(
         target_index=np.asarray(target, dtype=np.int64),
         n_source=len(data_genes),
         unknown_genes=tuple(unknown),
+        rescued=tuple(rescued),
     )
     needed = max(int(min_overlap), int(np.ceil(min_overlap_fraction * len(model_genes))))
     if alignment.n_overlap < needed:
@@ -172,7 +223,32 @@ def align_genes(
             f"First data genes: {data_genes[:5]}.{hint}"
         )
     (log.debug if model_positions is not None else log.info)(
-        "gene alignment: %d of %d model genes present (%.1f%%); %d data genes not in the model",
-        alignment.n_overlap, len(model_genes), 100 * alignment.overlap_fraction, len(unknown),
+        "gene alignment: %d of %d model genes present (%.1f%%, %d by old/alias symbol); %d data genes not in "
+        "the model", alignment.n_overlap, len(model_genes), 100 * alignment.overlap_fraction, len(rescued),
+        len(unknown),
     )
     return alignment
+
+
+def _rescue_by_alias(unknown: list[str], aliases: Mapping[str, str], position: Mapping[str, int],
+                     taken: dict[int, str], data_genes: list[str], source: list[int],
+                     target: list[int]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Map unmatched data symbols through ``aliases``; a target claimed twice is ambiguous and rescues neither."""
+    claims: dict[int, list[str]] = {}
+    for symbol in unknown:
+        j = position.get(aliases.get(symbol, ""))
+        if j is not None and j not in taken:
+            claims.setdefault(j, []).append(symbol)
+    index = {g: i for i, g in enumerate(data_genes)}
+    rescued_symbols: set[str] = set()
+    rescued: list[tuple[str, str]] = []
+    for j, symbols in claims.items():
+        if len(symbols) != 1:
+            log.warning("old/alias symbols %s all name model gene %r; none is used", symbols, aliases[symbols[0]])
+            continue
+        taken[j] = symbols[0]
+        source.append(index[symbols[0]])
+        target.append(j)
+        rescued_symbols.add(symbols[0])
+        rescued.append((symbols[0], aliases[symbols[0]]))
+    return [g for g in unknown if g not in rescued_symbols], sorted(rescued)

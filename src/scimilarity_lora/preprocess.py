@@ -18,8 +18,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scimilarity_lora.sparse import SparseBatch
-from scimilarity_lora.sparse import choose as choose_sparse
+from scimilarity_lora.model.sparse import SparseBatch
+from scimilarity_lora.model.sparse import choose as choose_sparse
 
 #: log1p(1e4) ~ 9.21: log-normalised values above this bound cannot come from normalize_total(1e4) + log1p.
 _MAX_PLAUSIBLE_LOG1P = 15.0

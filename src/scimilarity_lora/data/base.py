@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from scimilarity_lora.data.splits import Splits, split_cells
-from scimilarity_lora.genes import GeneAlignment
+from scimilarity_lora.genes import GeneAlignment, symbol_aliases
 from scimilarity_lora.labels import LabelEncoder, LabelError, drop_rare_classes
 from scimilarity_lora.preprocess import Preprocessing
 
@@ -28,7 +28,7 @@ class CellDataModule(L.LightningDataModule):
     def __init__(self, *, label_key: str, donor_key: str | None, min_cells_per_class: int, val_fraction: float,
                  test_fraction: float, seed: int, batch_size: int, num_workers: int, min_gene_overlap: int,
                  min_gene_overlap_fraction: float, target_sum: float, input_is_log1p: bool,
-                 input_format: str) -> None:
+                 input_format: str, gene_aliases: bool = True) -> None:
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"data.input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
@@ -37,6 +37,7 @@ class CellDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.input_format = batch_size, num_workers, input_format
         self.min_gene_overlap, self.min_gene_overlap_fraction = min_gene_overlap, min_gene_overlap_fraction
         self.preprocessing = Preprocessing(target_sum=target_sum, input_is_log1p=input_is_log1p)
+        self.gene_aliases = gene_aliases
         self.gene_order: list[str] | None = None  # set to the model's genes before setup()
         self.labels: LabelEncoder | None = None
         self.alignment: GeneAlignment | None = None
@@ -44,6 +45,10 @@ class CellDataModule(L.LightningDataModule):
         self.cell_ids: np.ndarray | None = None
         self.datasets: dict = {}
         self._y: np.ndarray | None = None
+
+    def aliases(self) -> dict[str, str] | None:
+        """The old/alias symbol table when ``data.gene_aliases`` is on (see :func:`~scimilarity_lora.genes.align_genes`)."""
+        return symbol_aliases() if self.gene_aliases else None
 
     def _require_gene_order(self) -> list[str]:
         if self.gene_order is None:

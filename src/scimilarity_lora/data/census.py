@@ -20,9 +20,11 @@ import pandas as pd
 import torch
 from attrs import evolve
 from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
+from tiledbsoma_ml._distributed import init_multiprocessing
 
 from scimilarity_lora.data.anndata import DataError
 from scimilarity_lora.data.base import CellDataModule
+from scimilarity_lora.data.resumable import ResumableDataLoader
 from scimilarity_lora.genes import GeneAlignment, align_genes
 from scimilarity_lora.labels import LabelError
 from scimilarity_lora.preprocess import Preprocessing
@@ -38,14 +40,30 @@ class EpochShuffledExperimentDataset(ExperimentDataset):
     """tiledbsoma-ml 0.1.0 shuffles with ``seed`` alone, so every epoch had the same order; fold the epoch in.
 
     The shuffle stays identical on every DDP rank and worker for a given (seed, epoch), which keeps the rank
-    partitions disjoint. :class:`~scimilarity_lora.callbacks.SetDatasetEpoch` sets the epoch from the trainer
-    before each epoch's iterator is created (so it also holds with DataLoader workers and partial epochs).
+    partitions disjoint. :class:`~scimilarity_lora.training.callbacks.SetDatasetEpoch` sets the epoch from the
+    trainer before each epoch's iterator is created (so it also holds with DataLoader workers and partial epochs).
+    It also resumes: ``state_dict`` is (epoch, mini-batches handed out), and after ``load_state_dict`` the next
+    iteration of that epoch skips the batches the checkpointed run had already trained on (same order: exact).
     """
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.epoch
-        yield from ExperimentDataset.__iter__(evolve(self, seed=int(self.seed) + epoch))
+        resume = self.__dict__.pop("_resume", None)
+        skip = int(resume["consumed"]) if resume is not None and int(resume["epoch"]) == epoch else 0
+        self.__dict__["consumed"] = 0
+        for i, batch in enumerate(ExperimentDataset.__iter__(evolve(self, seed=int(self.seed) + epoch))):
+            if i < skip:
+                continue
+            self.__dict__["consumed"] = i + 1
+            yield batch
         self.epoch = epoch + 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "consumed": int(self.__dict__.get("consumed", 0))}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.__dict__["_resume"] = {"epoch": int(state["epoch"]), "consumed": int(state["consumed"])}
 
 
 class CensusBatch:
@@ -92,12 +110,14 @@ class CensusDataModule(CellDataModule):
         min_gene_overlap_fraction: float = 0.0,
         target_sum: float = 1e4,
         input_format: str = "auto",
+        gene_aliases: bool = True,
     ) -> None:
         super().__init__(label_key=label_key, donor_key=donor_key, min_cells_per_class=min_cells_per_class,
                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
                          num_workers=num_workers, min_gene_overlap=min_gene_overlap,
                          min_gene_overlap_fraction=min_gene_overlap_fraction, target_sum=target_sum,
-                         input_is_log1p=False, input_format=input_format)  # Census X['raw'] holds counts
+                         input_is_log1p=False, input_format=input_format,
+                         gene_aliases=gene_aliases)  # Census X['raw'] holds counts
         if io_batch_size % shuffle_chunk_size:
             raise ValueError(f"data.io_batch_size ({io_batch_size}) must be a multiple of "
                              f"data.shuffle_chunk_size ({shuffle_chunk_size})")
@@ -141,12 +161,15 @@ class CensusDataModule(CellDataModule):
             exp = census["census_data"][self.organism]
             var = self._var(exp)
             model_genes = set(self.gene_order)
-            keep_var = var["feature_name"].isin(model_genes) | var["feature_id"].isin(model_genes)
+            aliases = self.aliases() or {}
+            by_alias = var["feature_name"].map(lambda g: aliases.get(g) in model_genes)
+            keep_var = var["feature_name"].isin(model_genes) | var["feature_id"].isin(model_genes) | by_alias
             var = var[keep_var].reset_index(drop=True)
             self.alignment = align_genes(
                 var["feature_name"].astype(str).tolist(), self.gene_order,
                 data_gene_ids=var["feature_id"].astype(str).tolist(),
                 min_overlap=self.min_gene_overlap, min_overlap_fraction=self.min_gene_overlap_fraction,
+                aliases=self.aliases(),
             )
             obs = self._obs(exp)
             self._split(obs)
@@ -193,10 +216,20 @@ class CensusDataModule(CellDataModule):
                            "obs_value_filter": self.obs_value_filter}}
 
     # -- loaders -------------------------------------------------------------------------------------------------
-    def _loader(self, split: str):
+    def _loader(self, split: str, dataset: ExperimentDataset | None = None):
         collate = CensusBatch(self.alignment, self.preprocessing, self.label_key, list(self.labels.classes),
                               self.input_format)
-        return experiment_dataloader(self.datasets[split], num_workers=self.num_workers, collate_fn=collate)
+        if split == "train" and dataset is None:  # the train position goes into checkpoints (exact resume)
+            if self.num_workers > 0:
+                init_multiprocessing()  # what experiment_dataloader does for workers: spawn, not fork
+            return ResumableDataLoader(self.datasets[split], batch_size=None, shuffle=False,
+                                       num_workers=self.num_workers, collate_fn=collate)
+        return experiment_dataloader(dataset or self.datasets[split], num_workers=self.num_workers,
+                                     collate_fn=collate)
+
+    def eval_dataloader(self, split: str):
+        """Any split without shuffling: what evaluation iterates."""
+        return self._loader(split, evolve(self.datasets[split], shuffle=False))
 
     def train_dataloader(self):
         return self._loader("train")

@@ -4,6 +4,10 @@
 ``F.embedding_bag(indices, W.T, offsets, per_sample_weights=values, mode="sum")``. LoRA's A matrix sees the same
 input, so it takes the same path: ``B(A x) * scaling``. Forward and backward match the dense layer (tested to
 1e-5 with LoRA on every target set); speed depends on density, so :func:`choose` picks per batch.
+
+Only plain LoRA is implemented here: a peft layer whose adapter uses a LoRA *variant* (DoRA, aLoRA, ...; peft keeps
+them in ``layer.lora_variant``) computes something else, so such a layer is refused with an error rather than
+silently computed as plain LoRA. Use ``data.input_format=dense`` for those.
 """
 
 from __future__ import annotations
@@ -52,8 +56,18 @@ class SparseBatch:
         out[rows, self.indices] = self.values
         return out
 
+    def to_csr(self) -> sp.csr_matrix:
+        """Back to a SciPy CSR matrix (CPU): for scikit-learn baselines on the same normalised values."""
+        indptr = np.append(self.offsets.cpu().numpy(), self.values.numel())
+        return sp.csr_matrix((self.values.detach().cpu().numpy(), self.indices.cpu().numpy(), indptr),
+                             shape=self.shape)
+
     def to(self, device: torch.device | str, *args, **kwargs) -> "SparseBatch":
         return SparseBatch(self.indices.to(device), self.offsets.to(device), self.values.to(device), self.n_genes)
+
+
+class UnsupportedAdapterError(NotImplementedError):
+    """An adapter the sparse first layer cannot compute exactly."""
 
 
 def choose(X: sp.csr_matrix, max_density: float = DEFAULT_MAX_DENSITY) -> bool:
@@ -90,9 +104,16 @@ def sparse_linear(layer: nn.Module, batch: SparseBatch, values: torch.Tensor) ->
         out = out + base.bias
     if base is layer or getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
         return out
+    if not hasattr(layer, "lora_A"):
+        raise UnsupportedAdapterError(f"{type(layer).__name__} is not a LoRA layer; the sparse first layer computes "
+                                      "only nn.Linear and plain LoRA; use data.input_format=dense")
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
+        if name in getattr(layer, "lora_variant", {}):
+            raise UnsupportedAdapterError(
+                f"adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__}) that the sparse "
+                "first layer does not implement; use data.input_format=dense (or a plain LoRA adapter)")
         lora_a = layer.lora_A[name]
         a = _bag(gene_rows(lora_a, lora_a.weight), batch, layer.lora_dropout[name](values))  # zeros stay zero
         out = out + layer.lora_B[name](a) * layer.scaling[name]

@@ -1,4 +1,5 @@
-"""The LightningModule: SCimilarity encoder (+ LoRA) -> linear head on the 128-d embedding.
+"""The LightningModule: training of a :class:`~scimilarity_lora.model.classifier.CellClassifier` (SCimilarity
+encoder, + LoRA, -> linear head): loss, torchmetrics, optimiser, and the frozen base's BatchNorm policy.
 
 Hyperparameters saved in the checkpoint are plain JSON-like values (encoder architecture, gene order, classes,
 preprocessing, fine-tuning config), so a checkpoint is self-contained and loads with ``weights_only=True``.
@@ -22,32 +23,20 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from scimilarity_lora.encoder import Encoder, EncoderConfig, load_encoder_weights
-from scimilarity_lora.lora import (
+from scimilarity_lora.inference.artifact import ModelSpec
+from scimilarity_lora.model.adapters import (
     FinetuneConfig,
     base_is_frozen,
     count_parameters,
     freeze_batchnorm_stats,
     prepare_encoder,
 )
+from scimilarity_lora.model.classifier import CellClassifier, ClassifierHead
+from scimilarity_lora.model.encoder import Encoder, EncoderConfig
+from scimilarity_lora.model.folder import load_encoder_weights
+from scimilarity_lora.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
-
-
-class ClassifierHead(nn.Module):
-    """Linear classifier on the L2-normalised embedding, which is first multiplied by ``scale``.
-
-    SCimilarity embeddings have unit norm, so without a scale the logits start tiny and the head needs many steps
-    to become confident; a fixed scale (as in cosine classifiers) fixes that without adding parameters.
-    """
-
-    def __init__(self, latent_dim: int, n_classes: int, scale: float = 10.0) -> None:
-        super().__init__()
-        self.scale = float(scale)
-        self.linear = nn.Linear(latent_dim, n_classes)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.linear(z * self.scale)
 
 
 def _metrics(n_classes: int, prefix: str) -> MetricCollection:
@@ -73,7 +62,8 @@ class CellTypeClassifier(L.LightningModule):
         head_scale: float = 10.0,
         label_smoothing: float = 0.0,
         class_weights: list[float] | None = None,
-        base_is_pretrained: bool = False,
+        base: dict | None = None,
+        gene_aliases: bool = True,
         base_state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
@@ -83,11 +73,11 @@ class CellTypeClassifier(L.LightningModule):
         config = EncoderConfig.from_dict(encoder_config)
         if len(gene_order) != config.n_genes:
             raise ValueError(f"gene_order has {len(gene_order)} genes, encoder expects {config.n_genes}")
-        base = Encoder.from_config(config)
+        base_encoder = Encoder.from_config(config)
         if base_state_dict is not None:
-            load_encoder_weights(base, base_state_dict, source="base encoder")
-        self.encoder = prepare_encoder(base, self.finetune)
-        self.head = ClassifierHead(config.latent_dim, len(classes), head_scale)
+            load_encoder_weights(base_encoder, base_state_dict, source="base encoder")
+        self.model = CellClassifier(prepare_encoder(base_encoder, self.finetune),
+                                    ClassifierHead(config.latent_dim, len(classes), head_scale))
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
 
@@ -104,18 +94,31 @@ class CellTypeClassifier(L.LightningModule):
     def classes(self) -> list[str]:
         return list(self.hparams["classes"])
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    @property
+    def head(self) -> ClassifierHead:
+        return self.model.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+        return self.model(x)
+
+    def spec(self) -> ModelSpec:
+        """What the model directory records besides weights (see :mod:`scimilarity_lora.inference.artifact`)."""
+        hp = self.hparams
+        return ModelSpec(encoder=EncoderConfig.from_dict(hp["encoder_config"]), genes=list(hp["gene_order"]),
+                         classes=self.classes, preprocessing=Preprocessing.from_dict(hp["preprocessing"]),
+                         finetune=self.finetune.to_dict(), head_scale=float(hp["head_scale"]),
+                         base=dict(hp["base"] or {}), gene_aliases=bool(hp["gene_aliases"]))
 
     def parameter_counts(self) -> dict[str, int]:
         trainable, total = count_parameters(self)
         return {"trainable_params": trainable, "total_params": total}
 
     def train(self, mode: bool = True) -> "CellTypeClassifier":
-        """Keep the frozen base's BatchNorm statistics fixed (see :mod:`scimilarity_lora.lora`)."""
+        """Keep the frozen base's BatchNorm statistics fixed (see :mod:`scimilarity_lora.model.adapters`)."""
         super().train(mode)
         if mode and base_is_frozen(self.finetune):
             freeze_batchnorm_stats(self.encoder)

@@ -17,23 +17,68 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from scimilarity_lora.artifact import classifier_from_checkpoint, save_model_dir
-from scimilarity_lora.callbacks import MetricsHistory, SetDatasetEpoch, TrainingSpeed
-from scimilarity_lora.encoder import EncoderConfig
-from scimilarity_lora.lora import FinetuneConfig, resolve_target_modules
-from scimilarity_lora.plots import plot_confusion_matrix, plot_learning_curves
+from scimilarity_lora.evaluation.plots import plot_confusion_matrix, plot_learning_curves
+from scimilarity_lora.inference.artifact import save_model_dir
+from scimilarity_lora.inference.runs import METRICS_FILE, MODEL_DIR, STAND_IN_BASE_DIR
+from scimilarity_lora.model.adapters import FinetuneConfig, resolve_target_modules
+from scimilarity_lora.model.encoder import EncoderConfig
+from scimilarity_lora.model.folder import DEFAULT_HIDDEN_DIM, BaseModel, save_model_folder, state_dict_hash
 from scimilarity_lora.preprocess import Preprocessing
+from scimilarity_lora.training.callbacks import MetricsHistory, RestoreRNGState, SetDatasetEpoch, TrainingSpeed
+from scimilarity_lora.training.checkpoint_io import classifier_from_checkpoint
 
 log = logging.getLogger(__name__)
 
 
+#: the keys of conf/model that describe the base encoder (passed to ``model.base``, i.e. ``load_base``)
+BASE_KEYS = ("pretrained_dir", "gene_order", "latent_dim", "hidden_dim", "dropout", "input_dropout")
+
+
 def finetune_config(cfg: DictConfig) -> FinetuneConfig:
-    """Validate the fine-tuning settings before any data is read (bad ``lora.*`` values fail fast)."""
-    finetune = FinetuneConfig.from_dict({**OmegaConf.to_container(cfg.lora, resolve=True), "mode": cfg.finetune.mode})
-    if finetune.mode == "lora" and not cfg.model.pretrained_dir:
+    """Validate the fine-tuning settings before any data is read (bad ``lora.*`` values fail fast).
+
+    ``lora.*`` settings mean something only with ``finetune=lora``: set in another mode they are refused rather
+    than silently ignored."""
+    lora = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") is not None else {}
+    mode = str(cfg.finetune.mode)
+    if mode != "lora":
+        defaults = FinetuneConfig().to_dict() | {"target_modules": "all"}
+        changed = {k: v for k, v in lora.items() if _as_comparable(v) != _as_comparable(defaults.get(k))}
+        if changed:
+            raise ValueError(f"lora.* settings apply only with finetune=lora, but this run uses finetune={mode}: "
+                             + ", ".join(f"lora.{k}={v}" for k, v in changed.items()))
+        return FinetuneConfig(mode=mode)
+    finetune = FinetuneConfig.from_dict({**lora, "mode": mode})
+    if not cfg.model.pretrained_dir:
         # the stand-in's layer names are known from the config; a pretrained folder is checked when loaded
-        resolve_target_modules(finetune.target_modules, EncoderConfig(1, hidden_dim=tuple(cfg.model.hidden_dim)))
+        hidden = tuple(cfg.model.hidden_dim or DEFAULT_HIDDEN_DIM)
+        resolve_target_modules(finetune.target_modules, EncoderConfig(1, hidden_dim=hidden))
     return finetune
+
+
+def _as_comparable(v: Any) -> Any:
+    if isinstance(v, str) and "," in v:
+        v = [t.strip() for t in v.split(",")]
+    if isinstance(v, (list, tuple)):
+        return tuple(str(t) for t in v) if len(v) != 1 else str(v[0])
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def build_base(cfg: DictConfig, datamodule: Any) -> BaseModel:
+    """The base encoder from ``conf/model``'s keys (the single description of it), via ``model.base``."""
+    arch = {k: OmegaConf.to_container(cfg.model, resolve=True)[k] for k in BASE_KEYS}
+    needs_data_genes = not (arch["pretrained_dir"] or arch["gene_order"])
+    # called with plain Python values: gene lists and tensors must not become OmegaConf containers
+    return instantiate(cfg.model.base, _convert_="all")(
+        **arch, data_genes=datamodule.data_genes() if needs_data_genes else None)
+
+
+def base_identity(base: BaseModel) -> dict[str, Any]:
+    """What identifies the base: its weights' hash, and where to reload it: a pretrained folder's absolute path,
+    or (``path`` null) the stand-in's copy that the run saves as ``<run dir>/base``."""
+    return {"is_pretrained": base.is_pretrained, "source": base.source,
+            "path": str(Path(base.source).resolve()) if base.is_pretrained else None,
+            "sha256": state_dict_hash(base.encoder.state_dict())}
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> list[float]:
@@ -56,19 +101,16 @@ def run(cfg: DictConfig) -> float | None:
     optimized = cfg.get("optimized_metric")
     ckpt_path = cfg.get("ckpt_path")
     if cfg.get("resume"):
-        if (out / "metrics.json").is_file():
+        if (out / METRICS_FILE).is_file():
             log.info("resume: %s already finished; skipping", out)
-            metrics = json.loads((out / "metrics.json").read_text())
+            metrics = json.loads((out / METRICS_FILE).read_text())
             return float(metrics[optimized]) if optimized in metrics else None
         ckpt_path = ckpt_path or ("last" if (out / "checkpoints" / "last.ckpt").is_file() else None)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
-    needs_data_genes = not (cfg.model.pretrained_dir or cfg.model.gene_order_file)
-    # partials, called with plain Python values: gene lists and tensors must not become OmegaConf containers
-    base = instantiate(cfg.model.base, _partial_=True, _convert_="all")(
-        data_genes=datamodule.data_genes() if needs_data_genes else None
-    )
+    base = build_base(cfg, datamodule)
+    identity = base_identity(base)
     if finetune.mode == "lora":
         resolve_target_modules(finetune.target_modules, base.encoder.config)
     datamodule.gene_order = base.genes
@@ -83,7 +125,8 @@ def run(cfg: DictConfig) -> float | None:
         classes=list(datamodule.labels.classes),
         finetune=finetune.to_dict(),
         preprocessing=Preprocessing(target_sum=datamodule.preprocessing.target_sum).to_dict(),
-        base_is_pretrained=base.is_pretrained,
+        base=identity,
+        gene_aliases=bool(datamodule.gene_aliases),
         base_state_dict=base.encoder.state_dict(),
         **extra,
     )
@@ -91,11 +134,13 @@ def run(cfg: DictConfig) -> float | None:
     log.info("parameters: %s trainable / %s total", f"{params['trainable_params']:,}", f"{params['total_params']:,}")
 
     speed, history = TrainingSpeed(), MetricsHistory()
-    callbacks = _instantiate_all(cfg.get("callbacks")) + [speed, history, SetDatasetEpoch()]
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [speed, history, SetDatasetEpoch(), RestoreRNGState()]
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **params})
+    if trainer.is_global_zero and not base.is_pretrained and not (out / STAND_IN_BASE_DIR).is_dir():
+        save_model_folder(base.encoder, base.genes, out / STAND_IN_BASE_DIR)
 
     try:
         t0 = time.perf_counter()
@@ -104,7 +149,10 @@ def run(cfg: DictConfig) -> float | None:
         checkpoint = trainer.checkpoint_callback
         best_path = checkpoint.best_model_path if checkpoint is not None else ""
         trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
-        metrics = _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, base, history)
+        metrics = _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, identity,
+                                   history)
+        metrics["tags"] = list(cfg.get("tags") or [])
+        metrics["wandb_group"] = _sweep_group(cfg)
         if trainer.is_global_zero:
             _write_outputs(out, cfg, model, datamodule, best_path, metrics, history)
         for lg in loggers:
@@ -116,7 +164,16 @@ def run(cfg: DictConfig) -> float | None:
     return float(metrics[optimized]) if optimized and optimized in metrics else None
 
 
-def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, base, history) -> dict[str, Any]:
+def _sweep_group(cfg: DictConfig) -> str | None:
+    """The W&B group of this job (its sweep, or the run itself), recorded so evaluation can join it."""
+    try:
+        return str(cfg.paths.sweep_group)
+    except Exception:  # noqa: BLE001 - outside a Hydra run (no HydraConfig) there is no group
+        return None
+
+
+def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, identity,
+                     history) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1
     }
@@ -132,7 +189,7 @@ def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_secon
     metrics["cells_per_second"] = round(speed.cells_per_second, 1)
     metrics["seconds_to_first_batch"] = speed.seconds_to_first_batch
     metrics["finetune"] = model.finetune.to_dict()
-    metrics["base_model"] = {"is_pretrained": base.is_pretrained, "source": base.source}
+    metrics["base_model"] = identity
     metrics.update(datamodule.summary())
     return metrics
 
@@ -140,9 +197,9 @@ def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_secon
 def _write_outputs(out: Path, cfg, model, datamodule, best_path: str, metrics: dict, history: MetricsHistory) -> None:
     datamodule.save_splits(out / "splits.csv")
     best = classifier_from_checkpoint(best_path) if best_path else model
-    save_model_dir(best, out / "model", extra={"metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
+    save_model_dir(best.model, best.spec(), out / MODEL_DIR, extra={"metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
                                                 "training_config": OmegaConf.to_container(cfg, resolve=True)})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     if "confusion_matrix" in model.test_results:

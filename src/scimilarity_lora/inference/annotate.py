@@ -1,6 +1,6 @@
 """Annotate any AnnData with a trained model, CellTypist-style: results go into ``.obs`` and ``.obsm``.
 
-    python -m scimilarity_lora.annotate outputs/runs/<date>/<time>/model cells.h5ad annotated.h5ad --layer counts
+    python -m scimilarity_lora.inference.annotate outputs/runs/<date>/<time>/model cells.h5ad annotated.h5ad --layer counts
 
 Cells are processed in batches of rows (aligned, normalised and embedded per batch), so a million-cell sparse
 file is never densified as a whole. Writes ``obs['scimilarity_lora_label']``, ``..._confidence``,
@@ -17,8 +17,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scimilarity_lora.data.anndata import expression_matrix, gene_names, read_anndata, validate_matrix
-from scimilarity_lora.predictor import CellTypePredictor
+from scimilarity_lora.data.io import expression_matrix, gene_names, read_anndata, validate_matrix
+from scimilarity_lora.inference.predictor import CellTypePredictor
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def annotate(
         "classes": list(predictor.classes),
         "gene_overlap": alignment.summary(),
         "input_is_log1p": bool(input_is_log1p),
-        "finetune": str(predictor.config.get("finetune")),
+        "finetune": str(predictor.spec.finetune),
     }
     return adata
 

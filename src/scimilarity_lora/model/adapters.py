@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
-import torch
 from torch import nn
 
-from scimilarity_lora.encoder import Encoder, EncoderConfig, linear_layer_names
+from scimilarity_lora.model.encoder import Encoder, EncoderConfig, linear_layer_names
 
 Mode = Literal["lora", "frozen", "full"]
 MODES: tuple[str, ...] = ("lora", "frozen", "full")
@@ -54,6 +53,9 @@ class FinetuneConfig:
         )
 
     def to_dict(self) -> dict:
+        """The settings that define the model: LoRA's only in ``lora`` mode (elsewhere they mean nothing)."""
+        if self.mode != "lora":
+            return {"mode": self.mode}
         return {"mode": self.mode, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
                 "target_modules": list(self.target_modules)}
 
@@ -129,7 +131,3 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in module.parameters())
     return trainable, total
 
-
-def encoder_state_for_export(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The merged encoder's state dict in SCimilarity's key layout."""
-    return {k: v.detach().cpu().contiguous() for k, v in merged_encoder(module).state_dict().items()}

@@ -1,121 +1,40 @@
-"""SCimilarity's encoder, key for key, and loading a SCimilarity model folder as SCimilarity writes it.
-
-The architecture reproduces ``scimilarity.nn_models.Encoder`` (scimilarity 0.4.1): ``network`` is a ModuleList of
-``Sequential(Dropout, Linear, BatchNorm1d, PReLU)`` blocks and a final bare ``Linear`` to the latent space;
-``forward`` L2-normalises. State-dict keys therefore match the released weights (``network.0.1.weight``, ...,
-``network.3.weight``), so a downloaded ``model_v1.1`` folder loads unchanged.
+"""SCimilarity model folders, as SCimilarity writes them, and the base encoder fine-tuning starts from.
 
 A model folder holds ``encoder.ckpt`` (``{"state_dict": ...}``, written by ``torch.save``), ``gene_order.tsv``
-and ``layer_sizes.json`` (the shape of every state-dict entry). We read the checkpoint with
-``torch.load(weights_only=True)``, which refuses pickled code.
+and ``layer_sizes.json`` (the shape of every state-dict entry); SCimilarity's pretraining adds ``decoder.ckpt``
+and ``label_ints.csv``. Checkpoints are read with ``torch.load(weights_only=True)``, which refuses pickled code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from scimilarity_lora.genes import read_gene_order, write_gene_order
-from scimilarity_lora.sparse import SparseBatch, first_block
+from scimilarity_lora.genes import resolve_gene_order, read_gene_order, write_gene_order
+from scimilarity_lora.model.encoder import Encoder, EncoderConfig
 
 log = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.ckpt"
 GENE_ORDER_FILE = "gene_order.tsv"
 LAYER_SIZES_FILE = "layer_sizes.json"
+#: SCimilarity's architecture, used for a stand-in when the config leaves sizes unset
+DEFAULT_LATENT_DIM = 128
+DEFAULT_HIDDEN_DIM = (1024, 1024, 1024)
 
 
 class ModelFolderError(ValueError):
     """A SCimilarity model folder or checkpoint that cannot be loaded as given."""
 
 
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Everything needed to rebuild the encoder's architecture (weights come separately)."""
-
-    n_genes: int
-    latent_dim: int = 128
-    hidden_dim: tuple[int, ...] = field(default=(1024, 1024, 1024))
-    dropout: float = 0.5
-    input_dropout: float = 0.4
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["hidden_dim"] = list(self.hidden_dim)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EncoderConfig":
-        return cls(
-            n_genes=int(d["n_genes"]),
-            latent_dim=int(d["latent_dim"]),
-            hidden_dim=tuple(int(h) for h in d["hidden_dim"]),
-            dropout=float(d["dropout"]),
-            input_dropout=float(d["input_dropout"]),
-        )
-
-
-class Encoder(nn.Module):
-    """SCimilarity's encoder: genes -> L2-normalised latent embedding."""
-
-    def __init__(
-        self,
-        n_genes: int,
-        latent_dim: int = 128,
-        hidden_dim: tuple[int, ...] | list[int] = (1024, 1024, 1024),
-        dropout: float = 0.5,
-        input_dropout: float = 0.4,
-    ) -> None:
-        super().__init__()
-        hidden_dim = list(hidden_dim)
-        if n_genes < 1 or latent_dim < 1 or not hidden_dim or min(hidden_dim) < 1:
-            raise ValueError(f"invalid encoder sizes: n_genes={n_genes}, hidden={hidden_dim}, latent={latent_dim}")
-        self.config = EncoderConfig(n_genes, latent_dim, tuple(hidden_dim), dropout, input_dropout)
-        self.latent_dim = latent_dim
-        self.network = nn.ModuleList()
-        for i, width in enumerate(hidden_dim):
-            self.network.append(
-                nn.Sequential(
-                    nn.Dropout(p=input_dropout if i == 0 else dropout),
-                    nn.Linear(n_genes if i == 0 else hidden_dim[i - 1], width),
-                    nn.BatchNorm1d(width),
-                    nn.PReLU(),
-                )
-            )
-        self.network.append(nn.Linear(hidden_dim[-1], latent_dim))
-
-    @classmethod
-    def from_config(cls, config: EncoderConfig) -> "Encoder":
-        return cls(config.n_genes, config.latent_dim, config.hidden_dim, config.dropout, config.input_dropout)
-
-    def forward(self, x: "torch.Tensor | SparseBatch") -> torch.Tensor:
-        layers = iter(self.network)
-        if isinstance(x, SparseBatch):  # the first layer reads only the non-zero genes (see sparse.py)
-            x = first_block(next(layers), x)
-        for layer in layers:
-            x = layer(x)
-        return F.normalize(x, p=2, dim=1)
-
-
-def linear_layer_names(config: EncoderConfig) -> dict[str, list[str]]:
-    """Names of the encoder's Linear layers by role: the targets LoRA can attach to."""
-    n_hidden = len(config.hidden_dim)
-    return {
-        "input": ["network.0.1"],
-        "hidden": [f"network.{i}.1" for i in range(1, n_hidden)],
-        "output": [f"network.{n_hidden}"],
-    }
-
-
-# -- model folders --------------------------------------------------------------------------------------------
 def config_from_layer_sizes(layer_sizes: dict[str, list[int]], n_genes: int) -> EncoderConfig:
     """Infer hidden sizes and latent dim from ``layer_sizes.json`` the way SCimilarity's CellEmbedding does."""
     linear = sorted(
@@ -151,8 +70,11 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_model_folder(path: str | Path) -> tuple[Encoder, list[str]]:
-    """Load a SCimilarity model folder (e.g. the downloaded ``model_v1.1``): encoder with weights + gene order."""
+def load_model_folder(path: str | Path, dropout: float = 0.5,
+                      input_dropout: float = 0.4) -> tuple[Encoder, list[str]]:
+    """Load a SCimilarity model folder (e.g. the downloaded ``model_v1.1``): encoder with weights + gene order.
+
+    Sizes come from the folder; dropout rates are training choices the folder does not record, so they are given."""
     folder = Path(path)
     if not folder.is_dir():
         raise ModelFolderError(f"SCimilarity model folder not found: {folder}")
@@ -171,7 +93,8 @@ def load_model_folder(path: str | Path) -> tuple[Encoder, list[str]]:
             f"{GENE_ORDER_FILE} lists {len(genes)} genes but {LAYER_SIZES_FILE} says the input layer takes "
             f"{first[1]}: the gene order does not belong to these weights"
         )
-    encoder = Encoder.from_config(config)
+    encoder = Encoder.from_config(EncoderConfig(config.n_genes, config.latent_dim, config.hidden_dim, dropout,
+                                                input_dropout))
     state = load_state_dict_file(folder / ENCODER_FILE)
     load_encoder_weights(encoder, state, source=str(folder / ENCODER_FILE))
     log.info(
@@ -212,6 +135,16 @@ def save_model_folder(encoder: Encoder, genes: list[str], path: str | Path) -> P
     return folder
 
 
+def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes: the identity of a set of weights."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 @dataclass
 class BaseModel:
     """The encoder fine-tuning starts from, with its gene order and provenance."""
@@ -224,31 +157,48 @@ class BaseModel:
 
 def load_base(
     pretrained_dir: str | None = None,
-    gene_order_file: str | None = None,
-    data_genes: list[str] | None = None,
-    latent_dim: int = 128,
-    hidden_dim: tuple[int, ...] | list[int] = (1024, 1024, 1024),
+    gene_order: str | None = None,
+    data_genes: Sequence[str] | None = None,
+    latent_dim: int | None = None,
+    hidden_dim: Sequence[int] | None = None,
     dropout: float = 0.5,
     input_dropout: float = 0.4,
 ) -> BaseModel:
     """SCimilarity's weights from ``pretrained_dir`` or, without one, a randomly initialised stand-in.
 
-    The stand-in has SCimilarity's architecture over ``gene_order_file`` (e.g. the real 28,231-gene order, for
-    benchmarks) or else over the dataset's own genes. It is *not* SCimilarity: results from it say nothing about
-    the pretrained model, so we warn loudly.
+    With ``pretrained_dir`` the folder defines the architecture and the gene order: sizes given here must agree with
+    it (an error names both), and a ``gene_order`` is refused. The stand-in has SCimilarity's architecture (or the
+    sizes given) over ``gene_order`` (``"scimilarity"`` for the packaged 28,231 genes, or a file) or else over the
+    dataset's own genes. It is *not* SCimilarity: results from it say nothing about the pretrained model, so we
+    warn loudly.
     """
     if pretrained_dir:
-        encoder, genes = load_model_folder(pretrained_dir)
+        if gene_order:
+            raise ModelFolderError(f"model.gene_order={gene_order!r} with model.pretrained_dir={pretrained_dir!r}: "
+                                   "a model folder carries its own gene_order.tsv; unset model.gene_order")
+        encoder, genes = load_model_folder(pretrained_dir, dropout, input_dropout)
+        _check_sizes(encoder.config, latent_dim, hidden_dim, pretrained_dir)
         return BaseModel(encoder, genes, True, str(pretrained_dir))
-    if gene_order_file:
-        genes, source = read_gene_order(gene_order_file), f"random init over {gene_order_file}"
+    if gene_order:
+        genes, source = resolve_gene_order(gene_order), f"random init over gene order {gene_order!r}"
     elif data_genes:
         genes, source = list(data_genes), "random init over the dataset's genes"
     else:
-        raise ModelFolderError("no pretrained_dir, gene_order_file or data genes to build an encoder from")
+        raise ModelFolderError("no pretrained_dir, gene_order or data genes to build an encoder from")
     log.warning(
         "BASE MODEL IS NOT SCIMILARITY: %s (%d genes). Set model.pretrained_dir=/path/to/model_v1.1 to fine-tune "
         "the real pretrained weights.", source, len(genes),
     )
-    encoder = Encoder(len(genes), latent_dim, tuple(hidden_dim), dropout, input_dropout)
+    encoder = Encoder(len(genes), latent_dim or DEFAULT_LATENT_DIM, tuple(hidden_dim or DEFAULT_HIDDEN_DIM),
+                      dropout, input_dropout)
     return BaseModel(encoder, genes, False, source)
+
+
+def _check_sizes(config: EncoderConfig, latent_dim: int | None, hidden_dim: Sequence[int] | None,
+                 folder: str) -> None:
+    if latent_dim is not None and int(latent_dim) != config.latent_dim:
+        raise ModelFolderError(f"model.latent_dim={latent_dim} but the model folder {folder} has latent dimension "
+                               f"{config.latent_dim}; unset model.latent_dim (the folder defines it)")
+    if hidden_dim is not None and tuple(int(h) for h in hidden_dim) != config.hidden_dim:
+        raise ModelFolderError(f"model.hidden_dim={list(hidden_dim)} but the model folder {folder} has hidden "
+                               f"sizes {list(config.hidden_dim)}; unset model.hidden_dim (the folder defines it)")

@@ -1,11 +1,15 @@
-"""Lightning callbacks: throughput and the per-epoch history that the plots and metrics.json use."""
+"""Lightning callbacks: throughput, the per-epoch history that the plots and metrics.json use, the epoch of
+streamed datasets, and RNG state across a resume."""
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 
 
 class TrainingSpeed(L.Callback):
@@ -75,3 +79,36 @@ class SetDatasetEpoch(L.Callback):
         dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule is not None else None
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(trainer.current_epoch)
+
+
+class RestoreRNGState(L.Callback):
+    """Checkpoint the global RNGs (torch, numpy, random) and restore them before the first resumed training step,
+    so dropout after a resume draws what the uninterrupted run drew (see :mod:`scimilarity_lora.data.resumable`).
+
+    Stored as tensors and plain values, so checkpoints still load with ``weights_only=True``."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)),
+                                                          int(pos), int(has_gauss), float(gauss)),
+                 "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,6 +1,6 @@
 """Turn a multirun directory into a table (CSV + markdown) and a plot, and name the best run.
 
-    python -m scimilarity_lora.summarize outputs/multiruns/<date>/<time>
+    python -m scimilarity_lora.evaluation.summarize outputs/multiruns/<date>/<time>
 
 Each job's overrides (``.hydra/overrides.yaml``), its ``metrics.json`` and, if ``evaluate`` ran, its
 ``evaluation/report.json`` (baselines, forgetting, calibration) become one row. When the sweep varies ``seed``,
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from scimilarity_lora.export import SELECT_METRIC, best_run
+from scimilarity_lora.inference.runs import SELECT_METRIC, best_run
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,227 @@
+"""Evaluate a finished training run: metrics, baselines, forgetting and calibration, as a report in the run dir.
+
+    python evaluate.py run_dir=outputs/runs/<date>/<time>
+
+The run's own resolved config rebuilds its data (same seed, so the same split, checked against ``splits.csv``);
+the model is the run's exported ``model/`` directory, i.e. exactly what serving loads, run through the
+:class:`~scimilarity_lora.inference.predictor.CellTypePredictor` batch by batch (sparse batches stay sparse, so a
+Census-sized test split at 28,231 genes never becomes one dense matrix). The base encoder is the one training
+recorded (a pretrained folder, or the stand-in saved in the run's ``base/``), checked by the hash of its weights.
+Writes ``<run_dir>/evaluation/{report.json, report.md, confusion_matrix.png}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from scimilarity_lora.evaluation.metrics import (
+    choose_threshold,
+    classification_report,
+    coverage_accuracy,
+    expected_calibration_error,
+    fit_temperature,
+    forgetting,
+    softmax,
+    top_confusions,
+)
+from scimilarity_lora.evaluation.plots import plot_confusion_matrix
+from scimilarity_lora.evaluation.report import render_markdown
+from scimilarity_lora.inference.artifact import ModelSpec
+from scimilarity_lora.inference.predictor import CellTypePredictor
+from scimilarity_lora.inference.runs import METRICS_FILE, MODEL_DIR, STAND_IN_BASE_DIR
+from scimilarity_lora.model.encoder import Encoder
+from scimilarity_lora.model.folder import load_model_folder, state_dict_hash
+from scimilarity_lora.model.sparse import SparseBatch
+
+log = logging.getLogger(__name__)
+
+class EvaluationError(ValueError):
+    pass
+
+
+@dataclass
+class SplitOutputs:
+    """One split run through the adapted model and the base, batch by batch."""
+
+    y: np.ndarray
+    logits: np.ndarray
+    z: np.ndarray
+    z_base: np.ndarray
+    genes: sp.csr_matrix | None  # the normalised gene values (for the genes + LR baseline), when asked for
+
+
+def _rows(x: "torch.Tensor | SparseBatch", keep: np.ndarray) -> "torch.Tensor | SparseBatch":
+    if isinstance(x, SparseBatch):
+        return SparseBatch.from_csr(x.to_csr()[keep])
+    return x[torch.from_numpy(keep)]
+
+
+def _as_csr(x: "torch.Tensor | SparseBatch") -> sp.csr_matrix:
+    return x.to_csr() if isinstance(x, SparseBatch) else sp.csr_matrix(x.numpy())
+
+
+@torch.inference_mode()
+def run_split(datamodule: Any, split: str, predictor: CellTypePredictor, base: Encoder, *,
+              max_cells: int | None = None, keep_genes: bool = False, seed: int = 0) -> SplitOutputs:
+    """Logits and embeddings of the adapted model, and the base's embeddings, for one split.
+
+    ``max_cells`` subsamples uniformly *before* anything is kept (each batch keeps a random share), so memory
+    follows the sample, not the split."""
+    n = len(datamodule.split_ids()[split])
+    share = 1.0 if not max_cells or n <= max_cells else max_cells / n
+    rng = np.random.default_rng(seed)
+    base.eval()
+    ys, logits, zs, z_bases, genes = [], [], [], [], []
+    for x, y in datamodule.eval_dataloader(split):
+        if share < 1.0:
+            keep = rng.random(len(y)) < share
+            if not keep.any():
+                continue
+            x, y = _rows(x, keep), y[torch.from_numpy(keep)]
+        batch_logits, z = predictor.logits(x)
+        ys.append(y.numpy())
+        logits.append(batch_logits.numpy())
+        zs.append(z.numpy())
+        z_bases.append(base(x).numpy())
+        if keep_genes:
+            genes.append(_as_csr(x))
+    if not ys:
+        raise EvaluationError(f"the {split} split yielded no cells")
+    return SplitOutputs(np.concatenate(ys), np.concatenate(logits), np.concatenate(zs), np.concatenate(z_bases),
+                        sp.vstack(genes).tocsr() if keep_genes else None)
+
+
+def base_encoder(run_dir: Path, spec: ModelSpec) -> Encoder:
+    """The encoder fine-tuning started from, as training recorded it; refuses one whose weights differ."""
+    path = spec.base.get("path")
+    folder = Path(path) if path else run_dir / STAND_IN_BASE_DIR
+    encoder, genes = load_model_folder(folder)
+    if list(genes) != list(spec.genes):
+        raise EvaluationError(f"the base encoder at {folder} has another gene order than the trained model")
+    expected = spec.base.get("sha256")
+    if expected:
+        found = state_dict_hash(encoder.state_dict())
+        if found != expected:
+            raise EvaluationError(f"the base encoder at {folder} has weights sha256 {found[:16]}..., but the model "
+                                  f"was fine-tuned from {expected[:16]}...: not the same base")
+    return encoder
+
+
+def _logistic_regression(train_x: np.ndarray | sp.csr_matrix, train_y: np.ndarray,
+                         test_x: np.ndarray | sp.csr_matrix, seed: int) -> np.ndarray:
+    """Standardised features + logistic regression; sparse input is scaled without centring (stays sparse)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler(with_mean=not sp.issparse(train_x)).fit(train_x)
+    clf = LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
+    clf.fit(scaler.transform(train_x), train_y)
+    return clf.predict(scaler.transform(test_x))
+
+
+def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 0.9, baselines: bool = True,
+                 max_baseline_cells: int = 50_000, wandb_project: str | None = None) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not (run_dir / ".hydra" / "config.yaml").is_file() or not (run_dir / MODEL_DIR).is_dir():
+        raise EvaluationError(f"{run_dir} is not a finished training run (needs .hydra/config.yaml and model/)")
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    predictor = CellTypePredictor.load(run_dir / MODEL_DIR)
+    classes = predictor.classes
+    base = base_encoder(run_dir, predictor.spec)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.gene_order = list(predictor.genes)
+    datamodule.setup("fit")
+    if list(datamodule.labels.classes) != classes:
+        raise EvaluationError("the rebuilt data has other classes than the model was trained on")
+    check_splits(run_dir, datamodule)
+
+    test = run_split(datamodule, "test", predictor, base, keep_genes=baselines)
+    val = run_split(datamodule, "val", predictor, base)
+    report: dict[str, Any] = {"run_dir": str(run_dir), "classes": classes,
+                              "n_cells": {"val": int(len(val.y)), "test": int(len(test.y))}}
+    model_report = classification_report(test.y, test.logits.argmax(1), classes)
+    report["model"] = model_report
+    report["top_confusions"] = top_confusions(np.array(model_report["confusion_matrix"]), classes)
+    # forgetting: base vs adapted embeddings on held-out reference cells (the adapter never trained on them)
+    report["forgetting"] = forgetting(test.z_base, test.z, test.y, k=knn_k)
+
+    # calibration: temperature fitted on validation, judged on test; an 'unknown' threshold chosen on validation
+    temperature = fit_temperature(val.logits, val.y)
+    probs_test, probs_test_cal = softmax(test.logits), softmax(test.logits, temperature)
+    threshold = choose_threshold(softmax(val.logits, temperature), val.y, target_accuracy)
+    kept = coverage_accuracy(probs_test_cal, test.y, [threshold])[0]
+    report["calibration"] = {
+        "temperature": round(temperature, 4),
+        "ece_before": round(expected_calibration_error(probs_test, test.y), 4),
+        "ece_after": round(expected_calibration_error(probs_test_cal, test.y), 4),
+        "unknown_threshold": {"target_val_accuracy": target_accuracy, "threshold": threshold,
+                              "test_coverage": round(kept["coverage"], 4), "test_accuracy": round(kept["accuracy"], 4)},
+        "coverage_accuracy": coverage_accuracy(probs_test_cal, test.y, [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95]),
+    }
+
+    if baselines:
+        train = run_split(datamodule, "train", predictor, base, max_cells=max_baseline_cells, keep_genes=True,
+                          seed=int(cfg.seed))
+        report["baselines"] = {
+            "frozen_embedding_lr": classification_report(
+                test.y, _logistic_regression(train.z_base, train.y, test.z_base, cfg.seed), classes),
+            "genes_lr": classification_report(
+                test.y, _logistic_regression(train.genes, train.y, test.genes, cfg.seed), classes),
+        }
+    out = run_dir / "evaluation"
+    out.mkdir(exist_ok=True)
+    train_metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(render_markdown(report, train_metrics))
+    plot_confusion_matrix(model_report["confusion_matrix"], classes, out / "confusion_matrix.png")
+    if wandb_project:
+        log_to_wandb(report, run_dir, out, wandb_project, group=train_metrics.get("wandb_group"))
+    log.info("evaluation written to %s", out)
+    return report
+
+
+def log_to_wandb(report: dict, run_dir: Path, out: Path, project: str, group: str | None = None) -> None:
+    """One W&B run (job_type 'evaluate') in the group training used (recorded in metrics.json): scalars,
+    confusion matrix, tables. Respects WANDB_MODE (offline writes under <run_dir>/evaluation/wandb)."""
+    import wandb
+
+    run = wandb.init(project=project, group=group or str(run_dir), job_type="evaluate",
+                     name=f"evaluate-{run_dir.name}", dir=str(out), config={"run_dir": str(run_dir)},
+                     reinit="finish_previous")
+    m = report["model"]
+    scalars = {f"evaluation/{k}": m[k] for k in ("accuracy", "macro_f1", "balanced_accuracy")}
+    scalars.update({f"evaluation/forgetting/{k}": v for k, v in report["forgetting"].items() if isinstance(v, float)})
+    scalars.update({f"evaluation/baselines/{name}/macro_f1": b["macro_f1"] for name, b in report.get("baselines", {}).items()})
+    run.log({
+        **scalars,
+        "evaluation/confusion_matrix": wandb.Image(str(out / "confusion_matrix.png")),
+        "evaluation/per_class": wandb.Table(
+            columns=["cell_type", "precision", "recall", "f1", "support"],
+            data=[[c, v["precision"], v["recall"], v["f1"], v["support"]] for c, v in m["per_class"].items()]),
+        "evaluation/top_confusions": wandb.Table(
+            columns=["true", "predicted", "count", "fraction_of_true"],
+            data=[[t["true"], t["predicted"], t["count"], t["fraction_of_true"]] for t in report["top_confusions"]]),
+    })
+    run.finish()
+
+
+def check_splits(run_dir: Path, datamodule: Any) -> None:
+    """Refuse to evaluate on a split that differs from the one the run trained with (would leak cells)."""
+    recorded = pd.read_csv(run_dir / "splits.csv", dtype=str)
+    id_col = datamodule.id_column
+    for split, ids in datamodule.split_ids().items():
+        if set(recorded.loc[recorded["split"] == split, id_col]) != {str(i) for i in ids}:
+            raise EvaluationError(f"the rebuilt {split} split differs from {run_dir}/splits.csv; "
+                                  "the data or its config changed since training")

@@ -1,0 +1,126 @@
+"""The trained-model directory: what training writes and what evaluation, annotation and serving load.
+
+::
+
+    model/
+      model_config.json      format, encoder architecture, classes, preprocessing, fine-tuning config, base identity
+      gene_order.tsv         the encoder's input genes, one per line (SCimilarity's format)
+      encoder.safetensors    the encoder with LoRA merged in, SCimilarity's state-dict keys
+      head.safetensors       the classification head
+      adapter/               (LoRA runs) the unmerged adapter in peft's own format
+
+Only safetensors and JSON: loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scimilarity_lora.genes import read_gene_order, write_gene_order
+from scimilarity_lora.model.classifier import CellClassifier
+from scimilarity_lora.model.encoder import EncoderConfig
+from scimilarity_lora.model.folder import ModelFolderError, load_encoder_weights
+from scimilarity_lora.preprocess import Preprocessing
+
+FORMAT = "scimilarity-lora/1"
+CONFIG_FILE = "model_config.json"
+GENE_ORDER_FILE = "gene_order.tsv"
+ENCODER_FILE = "encoder.safetensors"
+HEAD_FILE = "head.safetensors"
+
+
+@dataclass
+class ModelSpec:
+    """Everything about a trained classifier except its weights: the contract inference must honour."""
+
+    encoder: EncoderConfig
+    genes: list[str]
+    classes: list[str]
+    preprocessing: Preprocessing
+    finetune: dict
+    head_scale: float = 10.0
+    #: identity of the encoder fine-tuning started from: is_pretrained, source (folder), sha256 of its state dict
+    base: dict = field(default_factory=dict)
+    #: rescue old/alias gene symbols when aligning (training's ``data.gene_aliases``)
+    gene_aliases: bool = True
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "encoder": self.encoder.to_dict(), "classes": list(self.classes),
+                "preprocessing": self.preprocessing.to_dict(), "finetune": dict(self.finetune),
+                "head_scale": self.head_scale, "base": dict(self.base), "gene_aliases": self.gene_aliases}
+
+    @classmethod
+    def from_json(cls, d: dict, genes: list[str]) -> "ModelSpec":
+        return cls(encoder=EncoderConfig.from_dict(d["encoder"]), genes=genes, classes=list(d["classes"]),
+                   preprocessing=Preprocessing.from_dict(d["preprocessing"]), finetune=dict(d["finetune"]),
+                   head_scale=float(d["head_scale"]), base=dict(d.get("base") or {}),
+                   gene_aliases=bool(d.get("gene_aliases", True)))
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_model_dir(classifier: CellClassifier, spec: ModelSpec, path: str | Path, extra: dict | None = None) -> Path:
+    """Write a trained classifier (LoRA merged into the encoder) with its spec as a model directory."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    merged = classifier.merged()
+    (out / CONFIG_FILE).write_text(json.dumps({**spec.to_json(), **(extra or {})}, indent=2, default=str))
+    write_gene_order(spec.genes, out / GENE_ORDER_FILE)
+    save_file(_tensors(merged.encoder), out / ENCODER_FILE)
+    save_file(_tensors(merged.head), out / HEAD_FILE)
+    if hasattr(classifier.encoder, "save_pretrained"):
+        classifier.encoder.save_pretrained(out / "adapter")
+    return out
+
+
+def read_model_config(path: str | Path) -> dict:
+    """The directory's ``model_config.json`` (spec plus training metrics and config), validated."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelFolderError(f"model directory not found: {folder}")
+    for name in (CONFIG_FILE, GENE_ORDER_FILE, ENCODER_FILE, HEAD_FILE):
+        if not (folder / name).is_file():
+            raise ModelFolderError(f"model directory {folder} is missing {name}")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{folder / CONFIG_FILE} is not valid JSON: {e}") from e
+    if config.get("format") != FORMAT:
+        raise ModelFolderError(f"{folder} has format {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def read_model_dir(path: str | Path) -> tuple[ModelSpec, CellClassifier, dict[str, Any]]:
+    """(spec, classifier with weights loaded, the full config) with clear errors for anything missing or corrupt."""
+    folder = Path(path)
+    config = read_model_config(folder)
+    genes = read_gene_order(folder / GENE_ORDER_FILE)
+    try:
+        spec = ModelSpec.from_json(config, genes)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"{folder / CONFIG_FILE} is incomplete: {type(e).__name__}: {e}") from e
+    if len(genes) != spec.encoder.n_genes:
+        raise ModelFolderError(
+            f"{folder}/{GENE_ORDER_FILE} lists {len(genes)} genes but the encoder takes {spec.encoder.n_genes}")
+    states = []
+    for name in (ENCODER_FILE, HEAD_FILE):
+        try:
+            states.append(load_file(folder / name))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFolderError(f"{folder / name} is corrupt or truncated: {e}") from e
+    classifier = CellClassifier.build(spec.encoder, len(spec.classes), spec.head_scale)
+    load_encoder_weights(classifier.encoder, states[0], source=str(folder / ENCODER_FILE))
+    try:
+        classifier.head.load_state_dict(states[1])
+    except RuntimeError as e:
+        raise ModelFolderError(f"{folder / HEAD_FILE} does not fit {len(spec.classes)} classes: {e}") from e
+    return spec, classifier.eval(), config

@@ -1,0 +1,99 @@
+"""Inference with a trained model directory: counts in, labels, confidences and embeddings out.
+
+Evaluation, ``annotate`` and the BentoML service all use :class:`CellTypePredictor`, which aligns genes with
+:mod:`scimilarity_lora.genes` and normalises with :mod:`scimilarity_lora.preprocess` using the settings stored in
+the model directory, so inference can never drift from training. Imports no Lightning or torchmetrics: the
+service starts without them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from scimilarity_lora.genes import GeneAlignment, align_genes, gene_positions, symbol_aliases
+from scimilarity_lora.inference.artifact import ModelSpec, read_model_dir
+from scimilarity_lora.model.classifier import CellClassifier
+from scimilarity_lora.model.sparse import SparseBatch
+
+
+class CellTypePredictor:
+    """A merged classifier with the gene order, classes and preprocessing it was trained with."""
+
+    def __init__(self, classifier: CellClassifier, spec: ModelSpec, config: dict | None = None) -> None:
+        self.classifier = classifier.eval()
+        self.spec = spec
+        self.genes, self.classes, self.preprocessing = tuple(spec.genes), list(spec.classes), spec.preprocessing
+        self.gene_positions = gene_positions(self.genes)
+        self.config = config or spec.to_json()
+        self._alignments: dict[tuple, GeneAlignment] = {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CellTypePredictor":
+        spec, classifier, config = read_model_dir(path)
+        return cls(classifier, spec, config)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.classifier.latent_dim
+
+    # -- featurisation (the shared path) ---------------------------------------------------------------------
+    def alignment(self, data_genes: Sequence[str], data_gene_ids: Sequence[str] | None = None,
+                  min_overlap: int = 1) -> GeneAlignment:
+        """Cached per gene list: a million-cell file or a stream of requests with one gene panel aligns once."""
+        key = (tuple(data_genes), tuple(data_gene_ids) if data_gene_ids is not None else None, min_overlap)
+        if key not in self._alignments:
+            if len(self._alignments) > 64:
+                self._alignments.clear()
+            self._alignments[key] = align_genes(data_genes, self.genes, data_gene_ids=data_gene_ids,
+                                                min_overlap=min_overlap, model_positions=self.gene_positions,
+                                                aliases=symbol_aliases() if self.spec.gene_aliases else None)
+        return self._alignments[key]
+
+    def featurize(self, X: sp.spmatrix | np.ndarray, alignment: GeneAlignment, input_is_log1p: bool = False,
+                  output: str = "dense") -> "torch.Tensor | SparseBatch":
+        """Align + normalise. ``output="auto"`` keeps sparse batches sparse (the encoder's sparse first layer);
+        the service asks for dense because its micro-batcher concatenates requests."""
+        prep = replace(self.preprocessing, input_is_log1p=input_is_log1p)
+        return prep(alignment.apply(X), output=output)
+
+    # -- model -----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, x: "torch.Tensor | SparseBatch") -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, embeddings) for preprocessed inputs."""
+        return self.classifier.logits_and_embedding(x)
+
+    def forward(self, x: "torch.Tensor | SparseBatch") -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, embeddings) for preprocessed inputs."""
+        logits, z = self.logits(x)
+        return torch.softmax(logits, dim=1), z
+
+    def iter_batches(self, X: sp.spmatrix | np.ndarray, alignment: GeneAlignment, *, input_is_log1p: bool = False,
+                     batch_size: int = 1024, progress: bool = False) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """(rows, logits, embeddings) per batch of rows; sparse batches stay sparse (never cells x 28,231 dense)."""
+        starts = range(0, X.shape[0], batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="predicting", unit="batch")
+        for s in starts:
+            rows = slice(s, min(s + batch_size, X.shape[0]))
+            logits, z = self.logits(self.featurize(X[rows], alignment, input_is_log1p, output="auto"))
+            yield rows, logits.numpy(), z.numpy()
+
+    def predict(self, X: sp.spmatrix | np.ndarray, genes: Sequence[str], *, gene_ids: Sequence[str] | None = None,
+                input_is_log1p: bool = False, batch_size: int = 1024, min_overlap: int = 1,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (cells x classes) and embeddings (cells x latent), streamed in batches of rows."""
+        alignment = self.alignment(genes, gene_ids, min_overlap)
+        probs = np.empty((X.shape[0], len(self.classes)), dtype=np.float32)
+        emb = np.empty((X.shape[0], self.latent_dim), dtype=np.float32)
+        for rows, logits, z in self.iter_batches(X, alignment, input_is_log1p=input_is_log1p,
+                                                 batch_size=batch_size, progress=progress):
+            probs[rows], emb[rows] = torch.softmax(torch.from_numpy(logits), dim=1).numpy(), z
+        return probs, emb

@@ -1,0 +1,1 @@
+"""The BentoML service and export into the BentoML model store. Built on :mod:`scimilarity_lora.inference`."""

@@ -1,0 +1,50 @@
+"""Request bodies of the JSON endpoints (pydantic): the OpenAPI schema BentoML publishes comes from these."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from scimilarity_lora.serving.settings import SETTINGS
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Values = Literal["counts", "log1p"]
+GeneName = Annotated[str, Field(min_length=1, max_length=200)]
+Expression = Annotated[dict[GeneName, Finite], Field(min_length=1, max_length=SETTINGS.max_genes)]
+TopK = Annotated[int, Field(ge=1, le=100)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CellRequest(_Strict):
+    expression: Expression = Field(description="gene symbol -> expression value for one cell")
+    values: Values = Field("counts", description="'counts' (raw UMI counts) or 'log1p' (log1p(normalize_total))")
+    top_k: TopK = Field(3, description="how many ranked cell types to return")
+
+
+class BatchCell(_Strict):
+    expression: Expression
+
+
+class SparseCells(_Strict):
+    """CSR-like: cell i has values data[indptr[i]:indptr[i+1]] for genes[indices[...]]."""
+
+    genes: Annotated[list[GeneName], Field(min_length=1, max_length=SETTINGS.max_genes)]
+    indptr: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=SETTINGS.max_cells + 1)]
+    indices: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=SETTINGS.max_nnz)]
+    data: Annotated[list[Finite], Field(max_length=SETTINGS.max_nnz)]
+
+
+class BatchRequest(_Strict):
+    cells: Annotated[list[BatchCell], Field(min_length=1, max_length=SETTINGS.max_cells)] | None = None
+    sparse: SparseCells | None = None
+    values: Values = "counts"
+    top_k: TopK = 3
+
+
+class EmbedRequest(_Strict):
+    expression: Expression
+    values: Values = "counts"

@@ -1,0 +1,179 @@
+"""The BentoML service: cell-type prediction and SCimilarity embeddings over HTTP.
+
+Serve from the repository root (the root ``service.py`` re-exports this class)::
+
+    bentoml serve --host 127.0.0.1 --port 3000          # model: $SCIMILARITY_LORA_MODEL or scimilarity_lora:latest
+
+Values are raw counts by default (``"values": "counts"``); send ``"values": "log1p"`` for log-normalised input.
+Either way the request goes through the training code path: :mod:`~scimilarity_lora.genes` alignment to the
+model's gene order, then :mod:`~scimilarity_lora.preprocess` normalisation with the settings stored in the model.
+Requests are queued to the :class:`~.batcher.MicroBatcher`. Bad input is a 4xx with a message (see
+``tests/test_service.py`` for every case). Loads :mod:`scimilarity_lora.inference` only: no Lightning.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import bentoml
+import numpy as np
+import scipy.sparse as sp
+import torch
+from bentoml.exceptions import InvalidArgument
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from scimilarity_lora.genes import GeneAlignment, GeneAlignmentError
+from scimilarity_lora.inference.predictor import CellTypePredictor
+from scimilarity_lora.preprocess import InvalidExpressionError
+from scimilarity_lora.serving.batcher import MicroBatcher
+from scimilarity_lora.serving.middleware import BodySizeLimit, JSONByDefault
+from scimilarity_lora.serving.parsing import check_rows, gene_error_message, parse_npz, sparse_matrix
+from scimilarity_lora.serving.schemas import BatchRequest, CellRequest, EmbedRequest, SparseCells
+from scimilarity_lora.serving.settings import SETTINGS
+
+log = logging.getLogger(__name__)
+
+
+def _service() -> "SCimilarityLoRA | None":
+    """The running service instance, from BentoML (mounted routes run in the same worker)."""
+    try:
+        return bentoml.get_current_service()
+    except bentoml.exceptions.BentoMLException:
+        return None
+
+
+async def _metadata(request: Request) -> JSONResponse:
+    svc = _service()
+    if svc is None:
+        return JSONResponse({"error": "model not loaded yet"}, status_code=503)
+    return JSONResponse(svc.metadata)
+
+
+async def _predict_batch_npz(request: Request) -> JSONResponse:
+    """Binary batch input (see :func:`~.parsing.parse_npz`): parsing 64k numbers from JSON costs more than the
+    forward pass; an .npz is read with ``allow_pickle=False`` in well under a millisecond."""
+    svc = _service()
+    if svc is None:
+        return JSONResponse({"error": "model not loaded yet"}, status_code=503)
+    try:
+        batch = parse_npz(await request.body())
+        x, alignment = svc.featurize(batch.X, batch.genes, batch.values)
+    except InvalidArgument as e:
+        return JSONResponse({"error": str(e)}, status_code=400)
+    probs, _ = await svc.batcher.run(x)
+    return JSONResponse(svc.batch_response(probs, batch.top_k, [alignment.n_overlap] * len(probs)))
+
+
+v1_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]),
+                           Route("/predict_batch_npz", _predict_batch_npz, methods=["POST"])])
+
+
+@bentoml.asgi_app(v1_app, path="/v1")
+@bentoml.service(
+    traffic={"timeout": 120, "max_concurrency": 512},
+    workers=SETTINGS.workers,
+    metrics={"enabled": SETTINGS.metrics},
+    logging={"access": {"enabled": SETTINGS.access_log}},
+    monitoring={"enabled": SETTINGS.monitoring},
+)
+class SCimilarityLoRA:
+    """Cell-type annotation with a LoRA-fine-tuned SCimilarity encoder."""
+
+    model = bentoml.models.BentoModel(SETTINGS.model_tag)
+
+    def __init__(self) -> None:
+        torch.set_num_threads(SETTINGS.torch_threads)
+        self.predictor = CellTypePredictor.load(self.model.path)
+        self.batcher = MicroBatcher(self.predictor, SETTINGS.max_batch_rows)
+        info, spec = self.model.info, self.predictor.spec
+        self.metadata = {
+            "model_tag": str(info.tag),
+            "classes": self.predictor.classes,
+            "n_genes": len(self.predictor.genes),
+            "latent_dim": self.predictor.latent_dim,
+            "preprocessing": self.predictor.preprocessing.to_dict(),
+            "gene_aliases": spec.gene_aliases,
+            "finetune": spec.finetune,
+            "base": spec.base,
+            "base_is_pretrained": bool(spec.base.get("is_pretrained")),
+            "training_metrics": info.metadata.get("metrics", {}),
+            "limits": {"max_genes_per_cell": SETTINGS.max_genes, "max_cells": SETTINGS.max_cells,
+                       "max_body_bytes": SETTINGS.max_body_bytes},
+        }
+        log.info("serving %s: %d classes, %d genes", info.tag, len(self.predictor.classes), len(self.predictor.genes))
+
+    # -- featurisation: the shared alignment + preprocessing, with errors turned into 400s --------------------
+    def featurize(self, X: sp.csr_matrix, genes: list[str], values: str,
+                  where: str = "") -> tuple[torch.Tensor, GeneAlignment]:
+        try:
+            alignment = self.predictor.alignment(genes, min_overlap=1)
+        except GeneAlignmentError as e:
+            raise InvalidArgument(f"{where}{gene_error_message(e, len(genes))}") from None
+        try:
+            x = self.predictor.featurize(X, alignment, input_is_log1p=values == "log1p")
+        except InvalidExpressionError as e:
+            raise InvalidArgument(f"{where}{e}") from None
+        return x, alignment
+
+    def _one_cell(self, expression: dict[str, float], values: str,
+                  where: str = "") -> tuple[torch.Tensor, GeneAlignment]:
+        X = sp.csr_matrix(np.asarray([list(expression.values())], dtype=np.float32))
+        return self.featurize(X, list(expression), values, where)
+
+    def _prediction(self, probs: np.ndarray, top_k: int) -> dict[str, Any]:
+        order = np.argsort(-probs)[:top_k]
+        return {
+            "cell_type": self.predictor.classes[int(order[0])],
+            "confidence": round(float(probs[order[0]]), 6),
+            "top_k": [{"cell_type": self.predictor.classes[int(i)], "probability": round(float(probs[i]), 6)}
+                      for i in order],
+        }
+
+    def batch_response(self, probs: np.ndarray, top_k: int, used: list[int]) -> dict:
+        return {"predictions": [{**self._prediction(p, top_k), "genes_used": u} for p, u in zip(probs, used)],
+                "n_cells": len(used)}
+
+    # -- endpoints -------------------------------------------------------------------------------------------
+    @bentoml.api(input_spec=CellRequest, route="/predict")
+    async def predict(self, expression: dict[str, float], values: str = "counts", top_k: int = 3) -> dict:
+        """Predict the cell type of one cell."""
+        x, alignment = self._one_cell(expression, values)
+        probs, _ = await self.batcher.run(x)
+        unknown = list(alignment.unknown_genes)
+        return {**self._prediction(probs[0], top_k), "genes_used": alignment.n_overlap,
+                "genes_unknown": unknown[:100], "n_genes_unknown": len(unknown), "values": values}
+
+    @bentoml.api(input_spec=BatchRequest, route="/predict_batch")
+    async def predict_batch(self, cells: list | None = None, sparse: SparseCells | None = None,
+                            values: str = "counts", top_k: int = 3) -> dict:
+        """Predict many cells: a list of expression dicts, or one CSR-like sparse block with a shared gene list."""
+        if (cells is None) == (sparse is None):
+            raise InvalidArgument("send exactly one of 'cells' (a list of {expression: {...}}) or 'sparse'")
+        if cells is not None:
+            parts = [self._one_cell(c.expression if hasattr(c, "expression") else c["expression"], values,
+                                    where=f"cell {i}: ") for i, c in enumerate(cells)]
+            x = torch.cat([p[0] for p in parts])
+            used = [p[1].n_overlap for p in parts]
+        else:
+            X, genes = sparse_matrix(sparse)
+            check_rows(X, values)
+            x, alignment = self.featurize(X, genes, values)
+            used = [alignment.n_overlap] * X.shape[0]
+        probs, _ = await self.batcher.run(x)
+        return self.batch_response(probs, top_k, used)
+
+    @bentoml.api(input_spec=EmbedRequest, route="/embed")
+    async def embed(self, expression: dict[str, float], values: str = "counts") -> dict:
+        """The cell's L2-normalised SCimilarity embedding (of the fine-tuned encoder)."""
+        x, alignment = self._one_cell(expression, values)
+        _, emb = await self.batcher.run(x)
+        return {"embedding": [round(float(v), 7) for v in emb[0]], "dim": int(emb.shape[1]),
+                "genes_used": alignment.n_overlap}
+
+
+SCimilarityLoRA.add_asgi_middleware(BodySizeLimit, max_bytes=SETTINGS.max_body_bytes)
+SCimilarityLoRA.add_asgi_middleware(JSONByDefault)

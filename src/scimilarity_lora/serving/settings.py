@@ -1,0 +1,49 @@
+"""Service settings, from environment variables (read once, when the service module is imported: BentoML needs
+``workers`` when the service class is defined)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _int(name: str, default: int) -> int:
+    return int(os.environ.get(name, str(default)))
+
+
+def _flag(name: str, default: bool = True) -> bool:
+    return os.environ.get(name, "1" if default else "0") == "1"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_tag: str = "scimilarity_lora:latest"
+    max_genes: int = 40_000            # genes per cell / per sparse block
+    max_cells: int = 10_000            # cells per request
+    max_nnz: int = 5_000_000           # non-zeros per request
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_batch_rows: int = 256          # cells per forward pass of the micro-batcher
+    torch_threads: int = 4
+    workers: int = 1
+    metrics: bool = True
+    access_log: bool = True
+    monitoring: bool = True
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            model_tag=os.environ.get("SCIMILARITY_LORA_MODEL", cls.model_tag),
+            max_genes=_int("SCIMILARITY_LORA_MAX_GENES", cls.max_genes),
+            max_cells=_int("SCIMILARITY_LORA_MAX_CELLS", cls.max_cells),
+            max_nnz=_int("SCIMILARITY_LORA_MAX_NNZ", cls.max_nnz),
+            max_body_bytes=_int("SCIMILARITY_LORA_MAX_BODY_BYTES", cls.max_body_bytes),
+            max_batch_rows=_int("SCIMILARITY_LORA_MAX_BATCH_ROWS", cls.max_batch_rows),
+            torch_threads=_int("SCIMILARITY_LORA_TORCH_THREADS", min(4, os.cpu_count() or 1)),
+            workers=_int("SCIMILARITY_LORA_WORKERS", cls.workers),
+            metrics=_flag("SCIMILARITY_LORA_METRICS"),
+            access_log=_flag("SCIMILARITY_LORA_ACCESS_LOG"),
+            monitoring=_flag("SCIMILARITY_LORA_MONITORING"),
+        )
+
+
+SETTINGS = Settings.from_env()
