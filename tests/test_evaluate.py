@@ -42,6 +42,13 @@ def test_report_matches_training_metrics(sweep):
         assert 0 <= c["unknown_threshold"]["test_coverage"] <= 1
 
 
+def test_the_frozen_probe_is_as_strong_as_logistic_regression(sweep):
+    """finetune=frozen on the same embeddings and split as the frozen-embedding + LR baseline: within 0.02."""
+    frozen = sweep[1]["1"]
+    assert abs(frozen["model"]["accuracy"] - frozen["baselines"]["frozen_embedding_lr"]["accuracy"]) <= 0.02
+    assert frozen["baselines"]["frozen_embedding_lr"]["C"] in (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+
+
 def test_frozen_probe_does_not_forget(sweep):
     """A frozen encoder is the base: its forgetting metrics must be exactly 'none'."""
     f = sweep[1]["1"]["forgetting"]

@@ -131,6 +131,11 @@ class AnnDataModule(CellDataModule):
         for name, part in self.splits.as_dict().items():
             self.datasets[name] = CellBatchDataset(aligned[part], y[part], self.preprocessing, self.input_format)
 
+    def seen_genes(self) -> np.ndarray:
+        """Model genes with a non-zero value in at least one training cell (exact: the split is in memory)."""
+        X = self.datasets["train"].X
+        return np.bincount(X.indices[X.data != 0], minlength=X.shape[1]) > 0
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
         return ResumableDataLoader(

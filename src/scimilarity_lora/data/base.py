@@ -98,6 +98,13 @@ class CellDataModule(L.LightningDataModule):
             "classes": list(self.labels.classes),
         }
 
+    def seen_genes(self) -> np.ndarray:
+        """Boolean mask over the model's genes: which ones the training data can show the model (see
+        ``lora.unseen_genes``). Subclasses refine it; here, the genes the data provides at all."""
+        seen = np.zeros(self.alignment.n_model_genes, dtype=bool)
+        seen[self.alignment.target_index] = True
+        return seen
+
     def train_labels(self) -> np.ndarray:
         """Encoded labels of the training split (for class weights)."""
         return self._y[self.splits.train]

@@ -210,6 +210,9 @@ class CensusDataModule(CellDataModule):
         self.encode_and_split(obs[self.label_key].to_numpy(dtype=object), groups, obs["soma_joinid"].to_numpy())
         self.split_joinids = self.split_ids()
 
+    # seen_genes(): the base class's (every gene the store's var provides); a gene present in var but zero in every
+    # training cell counts as seen, since finding out would take a full pass over the stream before training.
+
     def summary(self) -> dict:
         return {**super().summary(),
                 "census": {"uri": self.uri, "census_version": None if self.uri else self.census_version,

@@ -42,6 +42,7 @@ from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.inference.runs import METRICS_FILE, MODEL_DIR, STAND_IN_BASE_DIR
 from scimilarity_lora.model.encoder import Encoder
 from scimilarity_lora.model.folder import load_model_folder, state_dict_hash
+from scimilarity_lora.model.probe import C_GRID
 from scimilarity_lora.model.sparse import SparseBatch
 
 log = logging.getLogger(__name__)
@@ -118,16 +119,27 @@ def base_encoder(run_dir: Path, spec: ModelSpec) -> Encoder:
     return encoder
 
 
-def _logistic_regression(train_x: np.ndarray | sp.csr_matrix, train_y: np.ndarray,
-                         test_x: np.ndarray | sp.csr_matrix, seed: int) -> np.ndarray:
-    """Standardised features + logistic regression; sparse input is scaled without centring (stays sparse)."""
+def _logistic_regression(train_x: np.ndarray | sp.csr_matrix, train_y: np.ndarray, val_x: np.ndarray | sp.csr_matrix,
+                         val_y: np.ndarray, test_x: np.ndarray | sp.csr_matrix, seed: int) -> tuple[np.ndarray, float]:
+    """Standardised features + class-balanced logistic regression, C chosen on validation by balanced
+    cross-entropy (the rule the ``finetune=frozen`` probe uses). Sparse input is scaled without centring.
+    Returns the test predictions and the chosen C."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
     from sklearn.preprocessing import StandardScaler
+    from sklearn.utils.class_weight import compute_sample_weight
 
     scaler = StandardScaler(with_mean=not sp.issparse(train_x)).fit(train_x)
-    clf = LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
-    clf.fit(scaler.transform(train_x), train_y)
-    return clf.predict(scaler.transform(test_x))
+    xs, xv = scaler.transform(train_x), scaler.transform(val_x)
+    known = np.isin(val_y, np.unique(train_y))  # validation cells of classes the training split lacks can't count
+    best: tuple[float, float, Any] | None = None
+    for C in C_GRID:
+        clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced", random_state=seed).fit(xs, train_y)
+        loss = log_loss(val_y[known], clf.predict_proba(xv[known]), labels=clf.classes_,
+                        sample_weight=compute_sample_weight("balanced", val_y[known]))
+        if best is None or loss < best[0]:
+            best = (loss, C, clf)
+    return best[2].predict(scaler.transform(test_x)), best[1]
 
 
 def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 0.9, baselines: bool = True,
@@ -148,7 +160,7 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
     check_splits(run_dir, datamodule)
 
     test = run_split(datamodule, "test", predictor, base, keep_genes=baselines)
-    val = run_split(datamodule, "val", predictor, base)
+    val = run_split(datamodule, "val", predictor, base, keep_genes=baselines)
     report: dict[str, Any] = {"run_dir": str(run_dir), "classes": classes,
                               "n_cells": {"val": int(len(val.y)), "test": int(len(test.y))}}
     model_report = classification_report(test.y, test.logits.argmax(1), classes)
@@ -174,12 +186,11 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
     if baselines:
         train = run_split(datamodule, "train", predictor, base, max_cells=max_baseline_cells, keep_genes=True,
                           seed=int(cfg.seed))
-        report["baselines"] = {
-            "frozen_embedding_lr": classification_report(
-                test.y, _logistic_regression(train.z_base, train.y, test.z_base, cfg.seed), classes),
-            "genes_lr": classification_report(
-                test.y, _logistic_regression(train.genes, train.y, test.genes, cfg.seed), classes),
-        }
+        report["baselines"] = {}
+        for name, features in (("frozen_embedding_lr", "z_base"), ("genes_lr", "genes")):
+            pred, C = _logistic_regression(getattr(train, features), train.y, getattr(val, features), val.y,
+                                           getattr(test, features), int(cfg.seed))
+            report["baselines"][name] = {**classification_report(test.y, pred, classes), "C": C}
     out = run_dir / "evaluation"
     out.mkdir(exist_ok=True)
     train_metrics = json.loads((run_dir / METRICS_FILE).read_text())

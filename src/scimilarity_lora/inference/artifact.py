@@ -7,7 +7,8 @@
       gene_order.tsv         the encoder's input genes, one per line (SCimilarity's format)
       encoder.safetensors    the encoder with LoRA merged in, SCimilarity's state-dict keys
       head.safetensors       the classification head
-      adapter/               (LoRA runs) the unmerged adapter in peft's own format
+      adapter/               (LoRA runs) the unmerged adapter in peft's own format, and seen_genes.safetensors:
+                             the training data's gene coverage (lora.unseen_genes=freeze kept A off the rest)
 
 Only safetensors and JSON: loading never unpickles anything.
 """
@@ -68,7 +69,8 @@ def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def save_model_dir(classifier: CellClassifier, spec: ModelSpec, path: str | Path, extra: dict | None = None) -> Path:
+def save_model_dir(classifier: CellClassifier, spec: ModelSpec, path: str | Path, extra: dict | None = None,
+                   seen_genes: torch.Tensor | None = None) -> Path:
     """Write a trained classifier (LoRA merged into the encoder) with its spec as a model directory."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +81,8 @@ def save_model_dir(classifier: CellClassifier, spec: ModelSpec, path: str | Path
     save_file(_tensors(merged.head), out / HEAD_FILE)
     if hasattr(classifier.encoder, "save_pretrained"):
         classifier.encoder.save_pretrained(out / "adapter")
+        if seen_genes is not None:
+            save_file({"seen_genes": seen_genes.detach().cpu().to(torch.uint8)}, out / "adapter" / "seen_genes.safetensors")
     return out
 
 

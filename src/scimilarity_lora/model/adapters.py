@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
+import torch
 from torch import nn
 
 from scimilarity_lora.model.encoder import Encoder, EncoderConfig, linear_layer_names
@@ -18,6 +19,7 @@ from scimilarity_lora.model.encoder import Encoder, EncoderConfig, linear_layer_
 Mode = Literal["lora", "frozen", "full"]
 MODES: tuple[str, ...] = ("lora", "frozen", "full")
 PRESETS: tuple[str, ...] = ("input", "hidden", "output", "all")
+UNSEEN_GENE_POLICIES: tuple[str, ...] = ("freeze", "train")
 
 
 @dataclass(frozen=True)
@@ -27,11 +29,15 @@ class FinetuneConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: tuple[str, ...] = field(default=("all",))
+    #: input-layer LoRA on genes absent from the training data: "freeze" (A's columns zero) or "train" (peft's init)
+    unseen_genes: str = "freeze"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"finetune mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "lora":
+            if self.unseen_genes not in UNSEEN_GENE_POLICIES:
+                raise ValueError(f"lora.unseen_genes must be one of {UNSEEN_GENE_POLICIES}, got {self.unseen_genes!r}")
             if int(self.r) < 1:
                 raise ValueError(f"lora.r must be a positive integer, got {self.r}")
             if float(self.alpha) <= 0:
@@ -50,6 +56,7 @@ class FinetuneConfig:
             alpha=float(d.get("alpha", 16.0)),
             dropout=float(d.get("dropout", 0.05)),
             target_modules=tuple(str(t) for t in targets),
+            unseen_genes=str(d.get("unseen_genes", "freeze")),
         )
 
     def to_dict(self) -> dict:
@@ -57,7 +64,7 @@ class FinetuneConfig:
         if self.mode != "lora":
             return {"mode": self.mode}
         return {"mode": self.mode, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": list(self.target_modules)}
+                "target_modules": list(self.target_modules), "unseen_genes": self.unseen_genes}
 
 
 def resolve_target_modules(targets: Sequence[str], config: EncoderConfig) -> list[str]:
@@ -131,3 +138,35 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in module.parameters())
     return trainable, total
 
+
+
+# -- LoRA that touches only the genes it has seen ---------------------------------------------------------------
+
+def input_lora_layers(module: nn.Module, config: EncoderConfig) -> list[nn.Module]:
+    """The peft LoRA layers on the encoder's first Linear (genes -> hidden), if LoRA targets it."""
+    name = linear_layer_names(config)["input"][0]
+    return [m for n, m in module.named_modules() if (n == name or n.endswith("." + name)) and hasattr(m, "lora_A")]
+
+
+def freeze_unseen_genes(module: nn.Module, config: EncoderConfig, seen: torch.Tensor) -> int:
+    """Zero the input layer's LoRA A on the columns of genes absent from the training data, and keep them zero.
+
+    peft initialises A randomly and B at zero; once B moves, ``B @ A`` writes into every gene's column, including
+    genes no training cell expressed (their A columns get no gradient but keep their random values). Zeroed, with
+    their gradient masked, those columns stay exactly zero under Adam/AdamW (zero gradient, zero moments, decoupled
+    weight decay of zero), so the merged weights of unseen genes are the base's. Returns the columns frozen.
+    """
+    seen = seen.to(torch.bool).reshape(-1)
+    if seen.numel() != config.n_genes:
+        raise ValueError(f"seen-gene mask has {seen.numel()} entries for an encoder over {config.n_genes} genes")
+    layers = input_lora_layers(module, config)
+    for layer in layers:
+        for lora_a in layer.lora_A.values():
+            weight = lora_a.weight
+            weight._seen_genes = seen  # A is (r x genes): a column per gene
+            with torch.no_grad():
+                weight.mul_(seen.to(device=weight.device, dtype=weight.dtype))
+            if not getattr(weight, "_unseen_gene_hook", False):
+                weight.register_hook(lambda grad, w=weight: grad * w._seen_genes.to(grad.device, grad.dtype))
+                weight._unseen_gene_hook = True
+    return int((~seen).sum()) if layers else 0

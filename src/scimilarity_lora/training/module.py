@@ -13,6 +13,7 @@ import logging
 from typing import Any, Callable
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,11 +30,13 @@ from scimilarity_lora.model.adapters import (
     base_is_frozen,
     count_parameters,
     freeze_batchnorm_stats,
+    freeze_unseen_genes,
     prepare_encoder,
 )
 from scimilarity_lora.model.classifier import CellClassifier, ClassifierHead
 from scimilarity_lora.model.encoder import Encoder, EncoderConfig
 from scimilarity_lora.model.folder import load_encoder_weights
+from scimilarity_lora.model.probe import fit_linear_probe
 from scimilarity_lora.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,8 @@ class CellTypeClassifier(L.LightningModule):
             load_encoder_weights(base_encoder, base_state_dict, source="base encoder")
         self.model = CellClassifier(prepare_encoder(base_encoder, self.finetune),
                                     ClassifierHead(config.latent_dim, len(classes), head_scale))
+        # which genes the training data covers (lora.unseen_genes=freeze); saved in checkpoints
+        self.register_buffer("seen_genes", torch.ones(config.n_genes, dtype=torch.bool))
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
 
@@ -104,6 +109,19 @@ class CellTypeClassifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def set_seen_genes(self, seen: "torch.Tensor | np.ndarray") -> int:
+        """Record the training data's gene coverage; with ``lora.unseen_genes=freeze`` (and LoRA on the input
+        layer) the adapter is kept off the uncovered genes. Returns how many gene columns are frozen."""
+        self.seen_genes.copy_(torch.as_tensor(seen, dtype=torch.bool))
+        if self.finetune.mode != "lora" or self.finetune.unseen_genes != "freeze":
+            return 0
+        frozen = freeze_unseen_genes(self.encoder, EncoderConfig.from_dict(self.hparams["encoder_config"]),
+                                     self.seen_genes)
+        if frozen:
+            log.info("lora.unseen_genes=freeze: input-layer LoRA kept off %d of %d genes absent from the training data",
+                     frozen, self.seen_genes.numel())
+        return frozen
 
     def spec(self) -> ModelSpec:
         """What the model directory records besides weights (see :mod:`scimilarity_lora.inference.artifact`)."""
@@ -139,7 +157,44 @@ class CellTypeClassifier(L.LightningModule):
         )
         return loss, logits.argmax(dim=1), y
 
+    def on_train_epoch_end(self) -> None:
+        if self.finetune.mode == "frozen":
+            self.trainer.should_stop = True  # one epoch: its validation scores and checkpoints the fitted probe
+
+    # -- the linear probe (finetune=frozen) --------------------------------------------------------------------
+    @torch.no_grad()
+    def _head_inputs(self, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the head sees (scaled embeddings) and labels for a whole split, gathered from every rank."""
+        was_training = self.training
+        self.eval()
+        zs, ys = [], []
+        for x, y in loader:
+            zs.append(self.model.embed(x.to(self.device)) * self.head.scale)
+            ys.append(y.to(self.device))
+        self.train(was_training)
+        z, y = torch.cat(zs), torch.cat(ys)
+        if self.trainer.world_size > 1:
+            z, y = self.all_gather(z).flatten(0, 1), self.all_gather(y).flatten(0, 1)
+        return z.cpu(), y.cpu()
+
+    def fit_probe(self) -> float:
+        """Fit the head as a logistic regression on the frozen embeddings (see :mod:`~.model.probe`); returns C."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "eval_dataloader"):
+            raise RuntimeError("finetune=frozen fits its probe on the data module's train and val splits")
+        z_train, y_train = self._head_inputs(datamodule.eval_dataloader("train"))
+        z_val, y_val = self._head_inputs(datamodule.eval_dataloader("val"))
+        fit = fit_linear_probe(z_train, y_train, z_val, y_val, len(self.classes))
+        with torch.no_grad():
+            self.head.linear.weight.copy_(fit.weight.to(self.head.linear.weight))
+            self.head.linear.bias.copy_(fit.bias.to(self.head.linear.bias))
+        log.info("linear probe: logistic regression by L-BFGS on %d cells, C=%g chosen on %d validation cells",
+                 len(y_train), fit.C, len(y_val))
+        return fit.C
+
     def on_train_start(self) -> None:
+        if self.finetune.mode == "frozen":
+            self.fit_probe()
         counts = self.parameter_counts()
         log.info(
             "fine-tuning mode %r: %s trainable of %s parameters (%.2f%%)", self.finetune.mode,
@@ -147,7 +202,9 @@ class CellTypeClassifier(L.LightningModule):
             100 * counts["trainable_params"] / counts["total_params"],
         )
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if self.finetune.mode == "frozen":  # the probe was fit to convergence in on_train_start
+            return None
         loss, preds, y = self._step(batch)
         self.train_metrics.update(preds, y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))

@@ -130,6 +130,7 @@ def run(cfg: DictConfig) -> float | None:
         base_state_dict=base.encoder.state_dict(),
         **extra,
     )
+    frozen_genes = model.set_seen_genes(datamodule.seen_genes())
     params = model.parameter_counts()
     log.info("parameters: %s trainable / %s total", f"{params['trainable_params']:,}", f"{params['total_params']:,}")
 
@@ -152,6 +153,7 @@ def run(cfg: DictConfig) -> float | None:
         metrics = _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, identity,
                                    history)
         metrics["tags"] = list(cfg.get("tags") or [])
+        metrics["lora_unseen_genes_frozen"] = frozen_genes
         metrics["wandb_group"] = _sweep_group(cfg)
         if trainer.is_global_zero:
             _write_outputs(out, cfg, model, datamodule, best_path, metrics, history)
@@ -197,8 +199,9 @@ def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_secon
 def _write_outputs(out: Path, cfg, model, datamodule, best_path: str, metrics: dict, history: MetricsHistory) -> None:
     datamodule.save_splits(out / "splits.csv")
     best = classifier_from_checkpoint(best_path) if best_path else model
-    save_model_dir(best.model, best.spec(), out / MODEL_DIR, extra={"metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
-                                                "training_config": OmegaConf.to_container(cfg, resolve=True)})
+    extra = {"metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
+             "training_config": OmegaConf.to_container(cfg, resolve=True)}
+    save_model_dir(best.model, best.spec(), out / MODEL_DIR, extra=extra, seen_genes=best.seen_genes)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
