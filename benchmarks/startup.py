@@ -70,9 +70,13 @@ def serve_ready_seconds(repo: Path, export_module: str, repeats: int) -> dict:
                 except requests.RequestException:
                     pass
                 time.sleep(0.05)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        finally:  # SIGTERM lets bentoml stop its workers (they leave the process group); then make sure
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     return {"median_s": round(statistics.median(times), 2), "runs_s": [round(t, 2) for t in times]}
 
 

@@ -22,7 +22,7 @@ from scimilarity_lora.model.folder import load_model_folder
 REAL_SETS = ["kang_ifnb_unlabelled", "pbmc_3chem_unlabelled", "mudan_pbmcA_unlabelled", "mudan_sorted_pbmc"]
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def embedding_drift(run: Path, real: Path, max_cells: int = 2000) -> dict[str, float]:
     """Mean cosine similarity of base vs adapted embeddings of real cells (raw counts, all their genes)."""
     predictor = CellTypePredictor.load(run / "model")

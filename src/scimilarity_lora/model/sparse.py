@@ -88,7 +88,8 @@ def gene_rows(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """
     if weight.requires_grad and torch.is_grad_enabled():
         return weight.t().contiguous()
-    key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, tuple(weight.shape))
+    version = 0 if weight.is_inference() else weight._version  # inference tensors cannot change in place
+    key = (weight.data_ptr(), version, weight.device, weight.dtype, tuple(weight.shape))
     cached = layer.__dict__.get("_gene_rows_cache")
     if cached is None or cached[0] != key:
         cached = (key, weight.detach().t().contiguous())
