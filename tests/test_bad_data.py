@@ -102,3 +102,32 @@ def test_missing_label_values_are_dropped_and_logged(tmp_path, caplog):
         dm = setup_module_on(adata, tmp_path)
     assert "dropping 5 cells with no 'cell_type' label" in caplog.text
     assert sum(len(v) for v in dm.splits.as_dict().values()) == 115
+
+
+def test_cells_without_expression_are_dropped_from_training_and_reported(tmp_path, caplog):
+    adata = make_counts_adata(n_cells=200)
+    X = adata.X.tolil()
+    X[[3, 7], :] = 0
+    adata.X = X.tocsr()
+    with caplog.at_level(logging.WARNING):
+        dm = setup_module_on(adata, tmp_path)
+    assert "dropping 2 cells with no expression in the model's genes" in caplog.text
+    assert sum(len(v) for v in dm.splits.as_dict().values()) == 198
+    assert dm.summary()["n_cells_without_expression"] == 2
+    assert not {"cell_3", "cell_7"} & set(np.concatenate(list(dm.split_ids().values())))
+
+
+def test_annotate_leaves_cells_without_expression_unlabelled(pbmc):
+    from helpers import make_predictor
+    from scimilarity_lora.inference.annotate import annotate
+
+    adata = pbmc.raw.to_adata()[:20].copy()
+    X = adata.X.tolil()
+    X[5, :] = 0
+    adata.X = X.tocsr()
+    annotate(adata, make_predictor(list(adata.var_names)), input_is_log1p=True, progress=False)
+    status = adata.obs["scimilarity_lora_status"]
+    assert status.iloc[5] == "no_expression" and (status.drop(status.index[5]) == "ok").all()
+    assert adata.obs["scimilarity_lora_label"].isna().iloc[5] and adata.obs["scimilarity_lora_label"].notna().sum() == 19
+    assert np.isnan(adata.obs["scimilarity_lora_confidence"].iloc[5]) and np.isnan(adata.obsm["X_scimilarity"][5]).all()
+    assert adata.uns["scimilarity_lora"]["n_cells_without_expression"] == 1

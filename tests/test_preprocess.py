@@ -39,10 +39,26 @@ def test_log1p_input_is_renormalised_to_the_same_result():
     np.testing.assert_allclose(from_log, from_counts, rtol=1e-4, atol=1e-4)
 
 
-def test_cell_with_no_counts_stays_zero():
-    X = sp.csr_matrix(np.array([[0.0, 0.0], [1.0, 3.0]], dtype=np.float32))
+def test_a_cell_with_no_counts_is_refused_by_name():
+    """Nothing to normalise: it must never reach the model (it used to get a confident label)."""
+    from scimilarity_lora.preprocess import EmptyCellError
+
+    X = sp.csr_matrix(np.array([[1.0, 3.0], [0.0, 0.0], [2.0, 0.0]], dtype=np.float32))
+    with pytest.raises(EmptyCellError, match="cell 1: no expression in the model's genes") as e:
+        Preprocessing()(X)
+    assert list(e.value.rows) == [1]
+    assert list(Preprocessing().nonempty_rows(X)) == [True, False, True]
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e-45, 2e38])
+def test_extreme_totals_normalise_like_ordinary_ones(scale):
+    """float32 totals underflowed (1e-40 -> NaN) or overflowed (2 x 2e38 -> inf -> all zero); float64 does not."""
+    ref = Preprocessing()(sp.csr_matrix(np.array([[1.0, 1.0, 0.0]], dtype=np.float32))).numpy()
+    X = sp.csr_matrix(np.array([[1.0, 1.0, 0.0]], dtype=np.float32) * np.float32(scale))
+    assert X.data.min() > 0  # still representable in float32
     out = Preprocessing()(X).numpy()
-    assert np.all(out[0] == 0) and np.all(np.isfinite(out))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

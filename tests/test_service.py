@@ -32,7 +32,8 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     run(compose_train(FAST + ["trainer.max_epochs=3"], root / "run"))
     env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-           "SCIMILARITY_LORA_MAX_BODY_BYTES": str(BODY_CAP), "SCIMILARITY_LORA_MAX_CELLS": "500"}
+           "SCIMILARITY_LORA_MAX_BODY_BYTES": str(BODY_CAP), "SCIMILARITY_LORA_MAX_CELLS": "500",
+           "SCIMILARITY_LORA_BODY_TIMEOUT_S": "3"}
     tag = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(root / "run")], env=env, cwd=REPO,
                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     env["SCIMILARITY_LORA_MODEL"] = tag
@@ -54,7 +55,8 @@ def served(tmp_path_factory):
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         raise RuntimeError("bentoml serve did not become ready:\n" + (root / "serve.log").read_text()[-3000:])
-    yield {"url": url, "tag": tag, "predictor": CellTypePredictor.load(root / "run" / "model")}
+    yield {"url": url, "tag": tag, "predictor": CellTypePredictor.load(root / "run" / "model"), "port": port,
+           "log": root / "serve.log"}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
@@ -138,7 +140,7 @@ def test_binary_batch_equals_the_json_batch(served, pbmc):
 
 
 @pytest.mark.parametrize("body, message", [
-    (b"not an npz", "body must be an .npz"),
+    (b"not an npz", "body is not an .npz file"),
     (_npz(genes=np.array(["CD3D"]), indptr=np.array([0, 1]), indices=np.array([0])), "data"),
     (_npz(genes=np.array(["CD3D"]), indptr=np.array([0, 2]), indices=np.array([0]), data=np.array([1.0])), "indptr"),
     (_npz(genes=np.array(["CD3D"]), indptr=np.array([0, 1]), indices=np.array([0]), data=np.array([-1.0])),
@@ -182,7 +184,7 @@ BAD = [
     ("/predict", {"expression": {"NOT_A_GENE": 3.0}}, "none of the 1 genes"),
     ("/predict", '{"expression": {"CD3D": NaN}}', "finite number"),
     ("/predict", '{"expression": {"CD3D": Infinity}}', "finite number"),
-    ("/predict", {"expression": {"CD3D": -2.0}}, "negative values"),
+    ("/predict", {"expression": {"CD3D": -2.0}}, "expression.CD3D: Input should be greater than or equal to 0"),
     ("/predict", {"expression": {"CD3D": "lots"}}, "valid number"),
     ("/predict", {"expression": [["CD3D", 1.0]]}, "Input should be an object"),
     ("/predict", {"expression": {"CD3D": 1.0}, "species": "human"}, "Extra inputs are not permitted"),
@@ -191,16 +193,16 @@ BAD = [
     ("/predict", {"expression": {"CD3D": 500.0}, "values": "log1p"}, "look like raw counts"),
     ("/predict", '{"expression": {"CD3D": 1.0', "Invalid JSON"),
     ("/predict", "[]", "Input should be an object"),
-    ("/embed", {"expression": {"CD3D": -1}}, "negative values"),
+    ("/embed", {"expression": {"CD3D": -1}}, "greater than or equal to 0"),
     ("/predict_batch", {"cells": [{"expression": {"CD3D": 1.0}}, {"expression": {"CD3D": 2.0}},
-                                  {"expression": {"CD3D": -3.0}}]}, "cell 2: "),
+                                  {"expression": {"CD3D": -3.0}}]}, "cells.2.expression.CD3D: "),
     ("/predict_batch", {"cells": [{"expression": {"CD3D": 1.0}}, {"expression": {"XYZ": 2.0}}]}, "cell 1: none"),
     ("/predict_batch", {}, "exactly one of"),
     ("/predict_batch", {"cells": []}, "at least 1 item"),
     ("/predict_batch", {"sparse": {"genes": ["CD3D"], "indptr": [0, 2], "indices": [0], "data": [1.0]}}, "indptr"),
     ("/predict_batch", {"sparse": {"genes": ["CD3D"], "indptr": [0, 1], "indices": [4], "data": [1.0]}}, "cell 0"),
     ("/predict_batch", {"sparse": {"genes": ["CD3D", "GNLY"], "indptr": [0, 1, 2], "indices": [0, 1],
-                                   "data": [1.0, -1.0]}}, "cell 1: negative"),
+                                   "data": [1.0, -1.0]}}, "sparse.data.1: Input should be greater than or equal to 0"),
     ("/predict_batch", {"cells": [{"expression": {"CD3D": 1.0}}] * 501}, "at most 500"),
 ]
 
@@ -227,6 +229,141 @@ def test_concurrent_single_cell_requests_all_succeed(served, pbmc):
         codes = list(pool.map(lambda e: post(served, "/predict", {"expression": e, "values": "log1p"}).status_code,
                               cells * 2))
     assert codes == [200] * 128
+
+
+# -- hostile input, each found by a fuzzer or by hand (issue #12): a correct answer or a 4xx, never NaN or a 5xx --
+def _finite_answer(r) -> dict:
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "NaN" not in r.text and "null" not in r.text and "Infinity" not in r.text
+    return body
+
+
+@pytest.mark.parametrize("route", ["/predict", "/embed"])
+def test_extreme_totals_are_normalised_in_float64(served, route):
+    """1e-40 underflowed and 2 x 2e38 overflowed float32 totals: NaN, or a confident label for a zeroed cell."""
+    ref = _finite_answer(post(served, route, {"expression": {"CD3D": 1.0, "GNLY": 1.0}}))
+    tiny = _finite_answer(post(served, route, {"expression": {"CD3D": 1e-40, "GNLY": 1e-40}}))
+    huge = _finite_answer(post(served, route, {"expression": {"CD3D": 2e38, "GNLY": 2e38}}))
+    key = "embedding" if route == "/embed" else "top_k"
+    for other in (tiny, huge):  # normalize_total is scale-free: the same cell, the same answer
+        assert json.dumps(other[key]) == json.dumps(ref[key]) or np.allclose(
+            [t["probability"] for t in other[key]] if key == "top_k" else other[key],
+            [t["probability"] for t in ref[key]] if key == "top_k" else ref[key], atol=1e-5)
+    batch = post(served, "/predict_batch", {"cells": [{"expression": {"CD3D": 1.4e-45}}]})
+    assert _finite_answer(batch)["n_cells"] == 1
+    npz = requests.post(f"{served['url']}/v1/predict_batch_npz", timeout=30, data=_npz(
+        genes=np.array(["CD3D"]), indptr=np.array([0, 1]), indices=np.array([0]), data=np.array([1e-40])))
+    assert _finite_answer(npz)["n_cells"] == 1
+
+
+@pytest.mark.parametrize("route, payload, message", [
+    ("/predict", {"expression": {"CD3D": 0}}, "no expression in the model's genes"),
+    ("/embed", {"expression": {"CD3D": 0.0, "NOT_A_GENE": 5.0}}, "no expression in the model's genes"),
+    ("/predict_batch", {"sparse": {"genes": ["CD3D"], "indptr": [0, 1, 1], "indices": [0], "data": [2.0]}},
+     "cell 1: no expression"),
+    ("/predict_batch", {"sparse": {"genes": ["CD3D"], "indptr": [0, 1], "indices": [1317404674655810748416],
+                                   "data": [1.0]}}, "less than or equal to"),
+    ("/predict_batch", {"sparse": {"genes": ["CD3D"], "indptr": [0, 2 ** 63], "indices": [0], "data": [1.0]}},
+     "less than or equal to"),
+    ("/predict_batch", {"sparse": {"genes": ["CD3D", "GNLY"], "indptr": [0, 2], "indices": [0, 0],
+                                   "data": [1.0, 2.0]}}, "cell 0: a gene index appears twice"),
+    ("/predict", {"expression": {"CD3D": "1.5"}}, "valid number"),
+    ("/predict", {"expression": {"CD3D": True}}, "valid number"),
+    ("/predict", {"expression": {"CD3D": 1e308}}, "less than or equal to 3402823466"),
+    ("/predict", {"expression": {"CD3D": 1.0}, "top_k": 2.0}, "valid integer"),
+])
+def test_hostile_values_get_a_clear_400(served, route, payload, message):
+    r = post(served, route, payload)
+    assert r.status_code == 400, r.text
+    assert message in error_text(r)
+    assert not any(word in r.text for word in ("CellRequest", "BatchRequest", "EmbedRequest", "SparseCells",
+                                               "pydantic", "Traceback"))
+
+
+def test_duplicate_json_keys_are_refused(served):
+    r = post(served, "/predict", data='{"expression": {"CD3D": 1.0, "CD3D": 9.0}}')
+    assert r.status_code == 400 and "duplicate JSON key 'CD3D'" in r.text
+
+
+@pytest.mark.parametrize("route", ["/predict", "/embed", "/predict_batch"])
+def test_multipart_without_a_boundary_is_415_not_500(served, route):
+    r = requests.post(f"{served['url']}{route}", data=b"--x\r\n", timeout=10,
+                      headers={"content-type": "multipart/form-data"})
+    assert r.status_code == 415 and "takes application/json" in r.json()["error"]
+
+
+@pytest.mark.parametrize("route", ["/predict", "/v1/predict_batch_npz"])
+def test_chunked_body_over_the_cap_is_413(served, route):
+    def chunks():
+        for _ in range(40):
+            yield b"0" * 10_000  # 400 kB > the 300 kB cap, with no Content-Length
+
+    r = requests.post(f"{served['url']}{route}", data=chunks(), timeout=30,
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert "larger than" in r.json()["error"]
+
+
+def test_npz_with_a_0d_genes_array_is_400(served):
+    body = _npz(genes=np.array("CD3D"), indptr=np.array([0, 1]), indices=np.array([0]), data=np.array([1.0]))
+    r = requests.post(f"{served['url']}/v1/predict_batch_npz", data=body, timeout=10)
+    assert r.status_code == 400 and "1-d array of strings" in r.json()["error"]
+
+
+def test_npz_decompression_bomb_is_refused_before_inflating(served):
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z, z.open("data.npy", "w", force_zip64=True) as f:
+        block = bytes(16 * 2**20)
+        for _ in range(16):  # 256 MiB of zeros, ~250 kB compressed
+            f.write(block)
+    assert len(buf.getvalue()) < BODY_CAP
+    t = time.perf_counter()
+    r = requests.post(f"{served['url']}/v1/predict_batch_npz", data=buf.getvalue(), timeout=30)
+    assert r.status_code == 400 and "declares" in r.json()["error"], r.text
+    assert time.perf_counter() - t < 2.0
+
+
+def test_something_else_than_npz_says_so(served):
+    r = requests.post(f"{served['url']}/v1/predict_batch_npz", data=b'{"genes": []}', timeout=10)
+    assert r.status_code == 400 and "not an .npz file" in r.json()["error"] and "allow_pickle" not in r.text
+
+
+def test_a_trickling_client_gets_408_and_the_server_stays_responsive(served):
+    with socket.create_connection(("127.0.0.1", served["port"]), timeout=10) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{")
+        t = time.perf_counter()
+        s.settimeout(10)
+        reply = b""
+        try:
+            for _ in range(8):  # one byte every 0.5 s: would hold the connection for 50 s
+                assert requests.get(f"{served['url']}/livez", timeout=2).status_code == 200
+                s.sendall(b" ")
+                time.sleep(0.5)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert time.perf_counter() - t < 6
+
+
+def test_thousands_of_bad_cells_get_a_short_answer(served):
+    cells = [{"expression": {"CD3D": -1.0}} for _ in range(500)]
+    r = post(served, "/predict_batch", {"cells": cells})
+    assert r.status_code == 400 and len(r.content) < 5_000, len(r.content)
+    body = r.json()
+    assert body["n_errors"] == 500 and len(body["detail"]) == 10
+
+
+def test_refused_requests_are_logged_as_one_line_not_a_traceback(served):
+    assert post(served, "/predict", {"expression": {"CD3D": 0}}).status_code == 400
+    assert post(served, "/predict", {"expression": {"CD3D": -1}}).status_code == 400
+    log = served["log"].read_text()
+    assert "Traceback" not in log and "[ERROR]" not in log
+    assert "refused (the cell: no expression" in log
 
 
 # -- property-based fuzzing: whatever arrives, the answer is 200 or a 4xx with a message, never a 5xx or a hang --

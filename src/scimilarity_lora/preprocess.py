@@ -85,16 +85,41 @@ class Preprocessing:
 
         ``output``: ``"dense"`` (a float32 tensor), ``"sparse"`` (a :class:`SparseBatch` for the encoder's sparse
         first layer), or ``"auto"`` (sparse when the batch is sparse enough to be faster, see :mod:`sparse`).
+
+        Totals and scaling are computed in float64, so neither a tiny total (1e-40) nor a huge one (2 x 2e38)
+        over- or underflows float32. A cell with no expression in the model's genes has no composition to
+        normalise and is refused (:class:`EmptyCellError`, naming the cells): it must never get a made-up label.
         """
-        X = aligned.astype(np.float32, copy=True).tocsr()
+        X = aligned.tocsr().astype(np.float64, copy=True)
         if validate:
             self.validate(X.data)
         if self.input_is_log1p:
             np.expm1(X.data, out=X.data)
         totals = np.asarray(X.sum(axis=1)).ravel()
-        scale = np.divide(self.target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        X.data *= np.repeat(scale, np.diff(X.indptr)).astype(np.float32)
+        empty = np.flatnonzero(~(totals > 0))
+        if empty.size:
+            raise EmptyCellError(empty, X.shape[0])
+        X.data *= np.repeat(self.target_sum / totals, np.diff(X.indptr))
         np.log1p(X.data, out=X.data)
+        X = X.astype(np.float32)
+        if not np.all(np.isfinite(X.data)):  # unreachable for finite, non-negative input; never hand on NaN
+            raise InvalidExpressionError("normalisation produced non-finite values")
         if output == "sparse" or (output == "auto" and choose_sparse(X)):
             return SparseBatch.from_csr(X)
         return torch.from_numpy(X.toarray())
+
+    def nonempty_rows(self, aligned: sp.csr_matrix) -> np.ndarray:
+        """Which cells have any expression in the model's genes (the ones :meth:`__call__` accepts)."""
+        totals = np.asarray(aligned.tocsr().astype(np.float64).sum(axis=1)).ravel()
+        return totals > 0
+
+
+class EmptyCellError(InvalidExpressionError):
+    """Cells with zero total expression over the model's genes (nothing to normalise, nothing to classify)."""
+
+    def __init__(self, rows: np.ndarray, n_cells: int) -> None:
+        self.rows = np.asarray(rows)
+        shown = ", ".join(map(str, self.rows[:5])) + (", ..." if len(self.rows) > 5 else "")
+        which = f"cell {shown}" if n_cells > 1 else "the cell"
+        super().__init__(f"{which}: no expression in the model's genes (total 0); such a cell cannot be classified"
+                         + (f" ({len(self.rows)} of {n_cells} cells)" if n_cells > 1 else ""))

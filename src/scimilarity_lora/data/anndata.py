@@ -125,9 +125,10 @@ class AnnDataModule(CellDataModule):
             aliases=self.aliases(),
         )
         groups = adata.obs[self.donor_key].astype(str).to_numpy() if self.donor_key is not None else None
+        aligned = self.alignment.apply(X)
         rows, y = self.encode_and_split(adata.obs[self.label_key].to_numpy(dtype=object), groups,
-                                        adata.obs_names.to_numpy())
-        aligned = self.alignment.apply(X[rows] if sp.issparse(X) else np.asarray(X)[rows])
+                                        adata.obs_names.to_numpy(), expressed=self.preprocessing.nonempty_rows(aligned))
+        aligned = aligned[rows]
         for name, part in self.splits.as_dict().items():
             self.datasets[name] = CellBatchDataset(aligned[part], y[part], self.preprocessing, self.input_format)
 

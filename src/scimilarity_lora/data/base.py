@@ -38,6 +38,7 @@ class CellDataModule(L.LightningDataModule):
         self.min_gene_overlap, self.min_gene_overlap_fraction = min_gene_overlap, min_gene_overlap_fraction
         self.preprocessing = Preprocessing(target_sum=target_sum, input_is_log1p=input_is_log1p)
         self.gene_aliases = gene_aliases
+        self.n_cells_without_expression = 0
         self.gene_order: list[str] | None = None  # set to the model's genes before setup()
         self.labels: LabelEncoder | None = None
         self.alignment: GeneAlignment | None = None
@@ -55,8 +56,10 @@ class CellDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.gene_order must be set to the model's genes before setup()")
         return self.gene_order
 
-    def encode_and_split(self, labels: np.ndarray, groups: np.ndarray | None, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Drop unlabelled cells and rare classes (logged), fit the label encoding, split.
+    def encode_and_split(self, labels: np.ndarray, groups: np.ndarray | None, ids: np.ndarray,
+                         expressed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Drop unlabelled cells, cells with no expression in the model's genes and rare classes (all logged), fit
+        the label encoding, split.
 
         Returns the kept positions and their encoded labels; ``self.splits`` indexes into the kept cells. A pure
         function of (labels, groups, seed), so every DDP rank computes the same split.
@@ -64,6 +67,12 @@ class CellDataModule(L.LightningDataModule):
         has_label = pd.notna(labels)
         if not has_label.all():
             log.warning("dropping %d cells with no %r label", int((~has_label).sum()), self.label_key)
+        if expressed is not None and not np.all(expressed):
+            self.n_cells_without_expression = int((~expressed).sum())
+            log.warning("dropping %d cells with no expression in the model's genes (total 0 after alignment): "
+                        "nothing to learn from; e.g. %s", self.n_cells_without_expression,
+                        list(np.asarray(ids)[~expressed][:5]))
+            has_label = has_label & expressed
         labels = np.asarray([str(x) for x in labels], dtype=object)
         keep, dropped = drop_rare_classes(labels[has_label], self.min_cells_per_class)
         if dropped:
@@ -94,6 +103,7 @@ class CellDataModule(L.LightningDataModule):
     def summary(self) -> dict:
         return {
             "gene_overlap": self.alignment.summary(),
+            "n_cells_without_expression": self.n_cells_without_expression,
             "n_cells": {k: int(len(v)) for k, v in self.splits.as_dict().items()},
             "classes": list(self.labels.classes),
         }

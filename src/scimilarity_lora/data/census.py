@@ -76,8 +76,14 @@ class CensusBatch:
 
     def __call__(self, batch: tuple[Any, pd.DataFrame]) -> tuple[torch.Tensor, torch.Tensor]:
         X, obs = batch
+        aligned = self.alignment.apply(X)
+        expressed = self.preprocessing.nonempty_rows(aligned)
+        if not expressed.all():  # the store is never read whole: cells with nothing to learn from go per batch
+            log.warning("skipping %d cells with no expression in the model's genes (soma_joinid %s)",
+                        int((~expressed).sum()), obs["soma_joinid"].to_numpy()[~expressed][:5].tolist())
+            aligned, obs = aligned[expressed], obs[expressed]
         # validates each batch: the store is never read whole
-        x = self.preprocessing(self.alignment.apply(X), output=self.input_format)
+        x = self.preprocessing(aligned, output=self.input_format)
         codes = pd.Categorical(obs[self.label_key].astype(str), categories=self.classes).codes
         return x, torch.from_numpy(np.array(codes, dtype=np.int64))
 

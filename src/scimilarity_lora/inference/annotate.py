@@ -3,7 +3,7 @@
     python -m scimilarity_lora.inference.annotate outputs/runs/<date>/<time>/model cells.h5ad annotated.h5ad --layer counts
 
 Cells are processed in batches of rows (aligned, normalised and embedded per batch), so a million-cell sparse
-file is never densified as a whole. Writes ``obs['scimilarity_lora_label']``, ``..._confidence``,
+file is never densified as a whole. Writes ``obs["scimilarity_lora_label"]``, ``..._confidence``, ``..._status`` (``ok`` | ``no_expression``),
 ``..._top{k}`` (``"label:prob; ..."``), ``obsm['X_scimilarity']`` and ``uns['scimilarity_lora']``.
 """
 
@@ -45,21 +45,30 @@ def annotate(
     validate_matrix(X, replace(predictor.preprocessing, input_is_log1p=input_is_log1p), f"AnnData ({layer or 'X'})")
     ids = var[gene_ids_key].astype(str).tolist() if gene_ids_key else None
     genes = gene_names(var_names, var, gene_symbols_key)
-    probs, emb = predictor.predict(X, genes, gene_ids=ids, input_is_log1p=input_is_log1p, batch_size=batch_size,
-                                   min_overlap=min_overlap, progress=progress)
+    result = predictor.predict_cells(X, genes, gene_ids=ids, input_is_log1p=input_is_log1p, batch_size=batch_size,
+                                     min_overlap=min_overlap, progress=progress)
+    probs, emb, ok = result.probs, result.embeddings, result.expressed
     classes = np.asarray(predictor.classes)
     order = np.argsort(-probs, axis=1)[:, :top_k]
-    adata.obs[f"{key_added}_label"] = pd.Categorical(classes[order[:, 0]], categories=predictor.classes)
-    adata.obs[f"{key_added}_confidence"] = probs[np.arange(len(probs)), order[:, 0]]
+    labels = pd.Categorical(classes[order[:, 0]], categories=predictor.classes)
+    labels[~ok] = np.nan  # no expression in the model's genes: left unlabelled, never a made-up answer
+    adata.obs[f"{key_added}_label"] = labels
+    adata.obs[f"{key_added}_confidence"] = np.where(ok, probs[np.arange(len(probs)), order[:, 0]], np.nan)
     adata.obs[f"{key_added}_top{top_k}"] = [
-        "; ".join(f"{classes[j]}:{probs[i, j]:.3f}" for j in row) for i, row in enumerate(order)
+        "; ".join(f"{classes[j]}:{probs[i, j]:.3f}" for j in row) if ok[i] else "" for i, row in enumerate(order)
     ]
-    adata.obsm["X_scimilarity"] = emb
+    adata.obs[f"{key_added}_status"] = pd.Categorical(np.where(ok, "ok", "no_expression"),
+                                                      categories=["ok", "no_expression"])
+    adata.obsm["X_scimilarity"] = np.where(ok[:, None], emb, np.nan).astype(np.float32)
+    if not ok.all():
+        log.warning("%d of %d cells have no expression in the model's genes: their label is left empty "
+                    "(obs[%r] == 'no_expression')", int((~ok).sum()), len(ok), f"{key_added}_status")
     alignment = predictor.alignment(genes, ids, min_overlap)
     adata.uns[key_added] = {
         "classes": list(predictor.classes),
         "gene_overlap": alignment.summary(),
         "input_is_log1p": bool(input_is_log1p),
+        "n_cells_without_expression": int((~ok).sum()),
         "finetune": str(predictor.spec.finetune),
     }
     return adata

@@ -8,7 +8,7 @@ service starts without them.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,6 +20,7 @@ from scimilarity_lora.genes import GeneAlignment, align_genes, gene_positions, s
 from scimilarity_lora.inference.artifact import ModelSpec, read_model_dir
 from scimilarity_lora.model.classifier import CellClassifier
 from scimilarity_lora.model.sparse import SparseBatch
+from scimilarity_lora.preprocess import EmptyCellError
 
 
 class CellTypePredictor:
@@ -74,8 +75,12 @@ class CellTypePredictor:
         return torch.softmax(logits, dim=1), z
 
     def iter_batches(self, X: sp.spmatrix | np.ndarray, alignment: GeneAlignment, *, input_is_log1p: bool = False,
-                     batch_size: int = 1024, progress: bool = False) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-        """(rows, logits, embeddings) per batch of rows; sparse batches stay sparse (never cells x 28,231 dense)."""
+                     batch_size: int = 1024, progress: bool = False
+                     ) -> Iterator[tuple[slice, np.ndarray, np.ndarray, np.ndarray]]:
+        """(rows, logits, embeddings, expressed) per batch of rows; sparse batches stay sparse (never cells x 28,231
+        dense). Cells with no expression in the model's genes are not run (``expressed`` False, zeros in their
+        rows): there is nothing to classify."""
+        prep = replace(self.preprocessing, input_is_log1p=input_is_log1p)
         starts = range(0, X.shape[0], batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -83,17 +88,44 @@ class CellTypePredictor:
             starts = tqdm(starts, desc="predicting", unit="batch")
         for s in starts:
             rows = slice(s, min(s + batch_size, X.shape[0]))
-            logits, z = self.logits(self.featurize(X[rows], alignment, input_is_log1p, output="auto"))
-            yield rows, logits.numpy(), z.numpy()
+            aligned = alignment.apply(X[rows])
+            expressed = prep.nonempty_rows(aligned)
+            n = aligned.shape[0]
+            logits = np.zeros((n, len(self.classes)), dtype=np.float32)
+            z = np.zeros((n, self.latent_dim), dtype=np.float32)
+            if expressed.any():
+                batch_logits, batch_z = self.logits(prep(aligned[expressed], output="auto"))
+                logits[expressed], z[expressed] = batch_logits.numpy(), batch_z.numpy()
+            yield rows, logits, z, expressed
+
+    def predict_cells(self, X: sp.spmatrix | np.ndarray, genes: Sequence[str], *,
+                      gene_ids: Sequence[str] | None = None, input_is_log1p: bool = False, batch_size: int = 1024,
+                      min_overlap: int = 1, progress: bool = False) -> Predictions:
+        """Probabilities and embeddings of every cell, streamed in batches of rows, and which cells had any
+        expression in the model's genes (the others have zero rows and must not be reported as classified)."""
+        alignment = self.alignment(genes, gene_ids, min_overlap)
+        out = Predictions(np.zeros((X.shape[0], len(self.classes)), dtype=np.float32),
+                          np.zeros((X.shape[0], self.latent_dim), dtype=np.float32),
+                          np.zeros(X.shape[0], dtype=bool))
+        for rows, logits, z, expressed in self.iter_batches(X, alignment, input_is_log1p=input_is_log1p,
+                                                            batch_size=batch_size, progress=progress):
+            probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+            out.probs[rows], out.embeddings[rows], out.expressed[rows] = np.where(expressed[:, None], probs, 0), z, expressed
+        return out
 
     def predict(self, X: sp.spmatrix | np.ndarray, genes: Sequence[str], *, gene_ids: Sequence[str] | None = None,
                 input_is_log1p: bool = False, batch_size: int = 1024, min_overlap: int = 1,
                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities (cells x classes) and embeddings (cells x latent), streamed in batches of rows."""
-        alignment = self.alignment(genes, gene_ids, min_overlap)
-        probs = np.empty((X.shape[0], len(self.classes)), dtype=np.float32)
-        emb = np.empty((X.shape[0], self.latent_dim), dtype=np.float32)
-        for rows, logits, z in self.iter_batches(X, alignment, input_is_log1p=input_is_log1p,
-                                                 batch_size=batch_size, progress=progress):
-            probs[rows], emb[rows] = torch.softmax(torch.from_numpy(logits), dim=1).numpy(), z
-        return probs, emb
+        """Probabilities (cells x classes) and embeddings (cells x latent); refuses cells with no expression."""
+        out = self.predict_cells(X, genes, gene_ids=gene_ids, input_is_log1p=input_is_log1p, batch_size=batch_size,
+                                 min_overlap=min_overlap, progress=progress)
+        if not out.expressed.all():
+            raise EmptyCellError(np.flatnonzero(~out.expressed), X.shape[0])
+        return out.probs, out.embeddings
+
+
+@dataclass
+class Predictions:
+    probs: np.ndarray       # cells x classes (zeros where not expressed)
+    embeddings: np.ndarray  # cells x latent (zeros where not expressed)
+    expressed: np.ndarray   # cells: any expression in the model's genes

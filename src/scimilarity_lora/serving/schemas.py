@@ -1,4 +1,9 @@
-"""Request bodies of the JSON endpoints (pydantic): the OpenAPI schema BentoML publishes comes from these."""
+"""Request bodies of the JSON endpoints (pydantic): the OpenAPI schema BentoML publishes comes from these.
+
+Strict by decision: a value is a JSON number (not "1.5", not true), non-negative and within float32's range (the
+encoder's precision); indices are JSON integers within the request's own limits. Duplicate JSON keys are refused
+before parsing (:mod:`.middleware`); duplicate (cell, gene) entries in a sparse block are refused (:mod:`.parsing`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scimilarity_lora.serving.settings import SETTINGS
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+#: the largest value a float32 input can hold; larger ones would overflow to infinity
+FLOAT32_MAX = 3.4028234663852886e38
+Finite = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=FLOAT32_MAX)]
+Index = Annotated[int, Field(strict=True, ge=0)]
 Values = Literal["counts", "log1p"]
 GeneName = Annotated[str, Field(min_length=1, max_length=200)]
 Expression = Annotated[dict[GeneName, Finite], Field(min_length=1, max_length=SETTINGS.max_genes)]
-TopK = Annotated[int, Field(ge=1, le=100)]
+TopK = Annotated[int, Field(strict=True, ge=1, le=100)]
 
 
 class _Strict(BaseModel):
@@ -33,8 +41,9 @@ class SparseCells(_Strict):
     """CSR-like: cell i has values data[indptr[i]:indptr[i+1]] for genes[indices[...]]."""
 
     genes: Annotated[list[GeneName], Field(min_length=1, max_length=SETTINGS.max_genes)]
-    indptr: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=SETTINGS.max_cells + 1)]
-    indices: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=SETTINGS.max_nnz)]
+    indptr: Annotated[list[Annotated[Index, Field(le=SETTINGS.max_nnz)]],
+                      Field(min_length=2, max_length=SETTINGS.max_cells + 1)]
+    indices: Annotated[list[Annotated[Index, Field(le=SETTINGS.max_genes)]], Field(max_length=SETTINGS.max_nnz)]
     data: Annotated[list[Finite], Field(max_length=SETTINGS.max_nnz)]
 
 

@@ -8,13 +8,17 @@ Values are raw counts by default (``"values": "counts"``); send ``"values": "log
 Either way the request goes through the training code path: :mod:`~scimilarity_lora.genes` alignment to the
 model's gene order, then :mod:`~scimilarity_lora.preprocess` normalisation with the settings stored in the model.
 Requests are queued to the :class:`~.batcher.MicroBatcher`. Bad input is a 4xx with a message (see
-``tests/test_service.py`` for every case). Loads :mod:`scimilarity_lora.inference` only: no Lightning.
+``tests/test_service.py`` for every case). Parsing, validation and featurisation run in a small thread pool, never
+on the event loop, so health probes and small requests stay fast while large batches are being prepared. Loads
+:mod:`scimilarity_lora.inference` only: no Lightning.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import bentoml
 import numpy as np
@@ -29,9 +33,10 @@ from starlette.routing import Route
 from scimilarity_lora.genes import GeneAlignment, GeneAlignmentError
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.preprocess import InvalidExpressionError
+from scimilarity_lora.serving import client_errors
 from scimilarity_lora.serving.batcher import MicroBatcher
-from scimilarity_lora.serving.middleware import BodySizeLimit, JSONByDefault
-from scimilarity_lora.serving.parsing import check_rows, gene_error_message, parse_npz, sparse_matrix
+from scimilarity_lora.serving.middleware import RequestGuard, ShortErrors
+from scimilarity_lora.serving.parsing import gene_error_message, parse_npz, sparse_matrix
 from scimilarity_lora.serving.schemas import BatchRequest, CellRequest, EmbedRequest, SparseCells
 from scimilarity_lora.serving.settings import SETTINGS
 
@@ -59,9 +64,14 @@ async def _predict_batch_npz(request: Request) -> JSONResponse:
     svc = _service()
     if svc is None:
         return JSONResponse({"error": "model not loaded yet"}, status_code=503)
+    body = await request.body()
+
+    def prepare() -> tuple[Any, Any, Any]:
+        batch = parse_npz(body)
+        return (batch, *svc.featurize(batch.X, batch.genes, batch.values))
+
     try:
-        batch = parse_npz(await request.body())
-        x, alignment = svc.featurize(batch.X, batch.genes, batch.values)
+        batch, x, alignment = await svc.off_loop(prepare)
     except InvalidArgument as e:
         return JSONResponse({"error": str(e)}, status_code=400)
     probs, _ = await svc.batcher.run(x)
@@ -86,9 +96,11 @@ class SCimilarityLoRA:
     model = bentoml.models.BentoModel(SETTINGS.model_tag)
 
     def __init__(self) -> None:
+        client_errors.install()
         torch.set_num_threads(SETTINGS.torch_threads)
         self.predictor = CellTypePredictor.load(self.model.path)
         self.batcher = MicroBatcher(self.predictor, SETTINGS.max_batch_rows)
+        self.cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="featurize")
         info, spec = self.model.info, self.predictor.spec
         self.metadata = {
             "model_tag": str(info.tag),
@@ -105,6 +117,10 @@ class SCimilarityLoRA:
                        "max_body_bytes": SETTINGS.max_body_bytes},
         }
         log.info("serving %s: %d classes, %d genes", info.tag, len(self.predictor.classes), len(self.predictor.genes))
+
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run CPU work (parsing, validation, featurisation) in the featurisation pool, not on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
 
     # -- featurisation: the shared alignment + preprocessing, with errors turned into 400s --------------------
     def featurize(self, X: sp.csr_matrix, genes: list[str], values: str,
@@ -133,6 +149,15 @@ class SCimilarityLoRA:
                       for i in order],
         }
 
+    def _prepare_batch(self, cells: list | None, sparse: SparseCells | None, values: str) -> tuple[torch.Tensor, list[int]]:
+        if cells is not None:
+            parts = [self._one_cell(c.expression if hasattr(c, "expression") else c["expression"], values,
+                                    where=f"cell {i}: ") for i, c in enumerate(cells)]
+            return torch.cat([p[0] for p in parts]), [p[1].n_overlap for p in parts]
+        X, genes = sparse_matrix(sparse)
+        x, alignment = self.featurize(X, genes, values)
+        return x, [alignment.n_overlap] * X.shape[0]
+
     def batch_response(self, probs: np.ndarray, top_k: int, used: list[int]) -> dict:
         return {"predictions": [{**self._prediction(p, top_k), "genes_used": u} for p, u in zip(probs, used)],
                 "n_cells": len(used)}
@@ -141,7 +166,7 @@ class SCimilarityLoRA:
     @bentoml.api(input_spec=CellRequest, route="/predict")
     async def predict(self, expression: dict[str, float], values: str = "counts", top_k: int = 3) -> dict:
         """Predict the cell type of one cell."""
-        x, alignment = self._one_cell(expression, values)
+        x, alignment = await self.off_loop(self._one_cell, expression, values)
         probs, _ = await self.batcher.run(x)
         unknown = list(alignment.unknown_genes)
         return {**self._prediction(probs[0], top_k), "genes_used": alignment.n_overlap,
@@ -153,27 +178,18 @@ class SCimilarityLoRA:
         """Predict many cells: a list of expression dicts, or one CSR-like sparse block with a shared gene list."""
         if (cells is None) == (sparse is None):
             raise InvalidArgument("send exactly one of 'cells' (a list of {expression: {...}}) or 'sparse'")
-        if cells is not None:
-            parts = [self._one_cell(c.expression if hasattr(c, "expression") else c["expression"], values,
-                                    where=f"cell {i}: ") for i, c in enumerate(cells)]
-            x = torch.cat([p[0] for p in parts])
-            used = [p[1].n_overlap for p in parts]
-        else:
-            X, genes = sparse_matrix(sparse)
-            check_rows(X, values)
-            x, alignment = self.featurize(X, genes, values)
-            used = [alignment.n_overlap] * X.shape[0]
+        x, used = await self.off_loop(self._prepare_batch, cells, sparse, values)
         probs, _ = await self.batcher.run(x)
         return self.batch_response(probs, top_k, used)
 
     @bentoml.api(input_spec=EmbedRequest, route="/embed")
     async def embed(self, expression: dict[str, float], values: str = "counts") -> dict:
         """The cell's L2-normalised SCimilarity embedding (of the fine-tuned encoder)."""
-        x, alignment = self._one_cell(expression, values)
+        x, alignment = await self.off_loop(self._one_cell, expression, values)
         _, emb = await self.batcher.run(x)
         return {"embedding": [round(float(v), 7) for v in emb[0]], "dim": int(emb.shape[1]),
                 "genes_used": alignment.n_overlap}
 
 
-SCimilarityLoRA.add_asgi_middleware(BodySizeLimit, max_bytes=SETTINGS.max_body_bytes)
-SCimilarityLoRA.add_asgi_middleware(JSONByDefault)
+SCimilarityLoRA.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_body_bytes, timeout_s=SETTINGS.body_timeout_s)
+SCimilarityLoRA.add_asgi_middleware(ShortErrors)

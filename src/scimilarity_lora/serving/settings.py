@@ -23,6 +23,7 @@ class Settings:
     max_nnz: int = 5_000_000           # non-zeros per request
     max_body_bytes: int = 64 * 1024 * 1024
     max_batch_rows: int = 256          # cells per forward pass of the micro-batcher
+    body_timeout_s: float = 30.0       # a request body must arrive within this (slow clients get 408)
     torch_threads: int = 4
     workers: int = 1
     metrics: bool = True
@@ -38,6 +39,7 @@ class Settings:
             max_nnz=_int("SCIMILARITY_LORA_MAX_NNZ", cls.max_nnz),
             max_body_bytes=_int("SCIMILARITY_LORA_MAX_BODY_BYTES", cls.max_body_bytes),
             max_batch_rows=_int("SCIMILARITY_LORA_MAX_BATCH_ROWS", cls.max_batch_rows),
+            body_timeout_s=float(os.environ.get("SCIMILARITY_LORA_BODY_TIMEOUT_S", cls.body_timeout_s)),
             torch_threads=_int("SCIMILARITY_LORA_TORCH_THREADS", min(4, os.cpu_count() or 1)),
             workers=_int("SCIMILARITY_LORA_WORKERS", cls.workers),
             metrics=_flag("SCIMILARITY_LORA_METRICS"),
@@ -47,3 +49,9 @@ class Settings:
 
 
 SETTINGS = Settings.from_env()
+
+
+def max_npz_bytes(settings: Settings) -> int:
+    """The largest uncompressed .npz a valid request can need: its arrays at their limits (int64/float64, gene
+    names of at most 200 characters), plus room for the archive's own headers."""
+    return 8 * (3 * settings.max_nnz + settings.max_cells + 1) + 4 * 200 * settings.max_genes + 1_000_000
