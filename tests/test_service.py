@@ -80,9 +80,10 @@ def test_the_seeds_curl_example(served):
     assert r.status_code == 200, r.text
     body = r.json()
     classes = served["predictor"].classes
-    assert body["cell_type"] in classes and 0 < body["confidence"] <= 1
+    assert body["best_guess"] in classes and 0 < body["confidence"] <= 1
+    assert body["cell_type"] == (body["best_guess"] if body["status"] == "ok" else "unknown")
     probs = [t["probability"] for t in body["top_k"]]
-    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and body["top_k"][0]["cell_type"] == body["cell_type"]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and body["top_k"][0]["cell_type"] == body["best_guess"]
     assert body["genes_used"] == 3 and body["genes_unknown"] == ["CD14"]  # CD14 is not among the 765 genes
     assert body["values"] == "counts"
 
@@ -106,10 +107,12 @@ def test_predictions_equal_the_in_process_model(served, pbmc):
     classes = served["predictor"].classes
     for i, expression in enumerate(cells):
         body = post(served, "/predict", {"expression": expression, "values": "log1p", "top_k": 1}).json()
-        assert body["cell_type"] == classes[int(expected[i].argmax())]
+        assert body["best_guess"] == classes[int(expected[i].argmax())]
+        forced = post(served, "/predict", {"expression": expression, "values": "log1p", "force_label": True}).json()
+        assert forced["cell_type"] == body["best_guess"]
         assert body["confidence"] == pytest.approx(float(expected[i].max()), abs=1e-5)
     batch = post(served, "/predict_batch", {"cells": [{"expression": e} for e in cells], "values": "log1p"}).json()
-    assert [p["cell_type"] for p in batch["predictions"]] == [classes[int(i)] for i in expected.argmax(1)]
+    assert [p["best_guess"] for p in batch["predictions"]] == [classes[int(i)] for i in expected.argmax(1)]
     sparse = {"genes": list(pbmc.raw.var_names), "indptr": X.indptr.tolist(), "indices": X.indices.tolist(),
               "data": X.data.tolist()}
     compact = post(served, "/predict_batch", {"sparse": sparse, "values": "log1p", "top_k": 10}).json()
@@ -445,3 +448,25 @@ def test_fuzz_binary_batch_endpoint(served, body):
         assert r.json()["error"]
     else:
         assert r.json()["n_cells"] == len(r.json()["predictions"])
+
+
+# -- schemathesis against the live OpenAPI schema: generated valid and invalid requests for every operation ------
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_errors(served, tmp_path):
+    """Property-based API fuzzing from the service's own /docs.json: generated valid and invalid requests for every
+    operation, every check except two the schema cannot yet support (BentoML documents bare response objects, and
+    a schema-valid gene name may still be one the model lacks): any 5xx, undocumented status, wrong content type
+    or a hang fails the test."""
+    report = tmp_path / "st.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{served['url']}/docs.json", "--checks", "all",
+         "--exclude-checks", "response_schema_conformance,positive_data_acceptance",
+         "--max-examples", "800", "--request-timeout", "20", "--seed", "1", "--generation-deterministic",
+         "--report", "ndjson", "--report-ndjson-path", str(report)],
+        capture_output=True, text=True, timeout=400, cwd=REPO)
+    output = res.stdout + res.stderr
+    assert res.returncode == 0, output[-4000:]
+    import re
+
+    generated = int(re.search(r"(\d+) generated", output).group(1))
+    assert generated >= 1000 and f"{generated} generated, {generated} passed" in output

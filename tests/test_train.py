@@ -73,7 +73,7 @@ def test_checkpoint_is_self_contained_and_reproduces_predictions(trained_run, pb
     probs, emb = predictor.predict(adata.raw.X, list(adata.raw.var_names), input_is_log1p=True)
     x = predictor.featurize(adata.raw.X, predictor.alignment(list(adata.raw.var_names)), input_is_log1p=True)
     with torch.no_grad():
-        from_ckpt = torch.softmax(module(x), dim=1).numpy()
+        from_ckpt = torch.softmax(module(x) / predictor.temperature, dim=1).numpy()  # calibrated probabilities
     np.testing.assert_allclose(probs, from_ckpt, atol=1e-5)  # merged export == adapter checkpoint
     assert emb.shape == (len(adata), 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     predicted = np.array(predictor.classes)[probs.argmax(1)]

@@ -77,12 +77,14 @@ class AnnDataModule(CellDataModule):
         target_sum: float = 1e4,
         input_format: str = "auto",
         gene_aliases: bool = True,
+        exclude_classes: list[str] | None = None,
     ) -> None:
         super().__init__(label_key=label_key, donor_key=donor_key, min_cells_per_class=min_cells_per_class,
                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
                          num_workers=num_workers, min_gene_overlap=min_gene_overlap,
                          min_gene_overlap_fraction=min_gene_overlap_fraction, target_sum=target_sum,
-                         input_is_log1p=input_is_log1p, input_format=input_format, gene_aliases=gene_aliases)
+                         input_is_log1p=input_is_log1p, input_format=input_format, gene_aliases=gene_aliases,
+                         exclude_classes=exclude_classes)
         self.path, self.layer = path, layer
         self.gene_symbols_key, self.gene_ids_key = gene_symbols_key, gene_ids_key
         self._adata: ad.AnnData | None = None

@@ -28,7 +28,7 @@ class CellDataModule(L.LightningDataModule):
     def __init__(self, *, label_key: str, donor_key: str | None, min_cells_per_class: int, val_fraction: float,
                  test_fraction: float, seed: int, batch_size: int, num_workers: int, min_gene_overlap: int,
                  min_gene_overlap_fraction: float, target_sum: float, input_is_log1p: bool,
-                 input_format: str, gene_aliases: bool = True) -> None:
+                 input_format: str, gene_aliases: bool = True, exclude_classes: list[str] | None = None) -> None:
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"data.input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
@@ -39,6 +39,7 @@ class CellDataModule(L.LightningDataModule):
         self.preprocessing = Preprocessing(target_sum=target_sum, input_is_log1p=input_is_log1p)
         self.gene_aliases = gene_aliases
         self.n_cells_without_expression = 0
+        self.exclude_classes = [str(c) for c in (exclude_classes or [])]
         self.gene_order: list[str] | None = None  # set to the model's genes before setup()
         self.labels: LabelEncoder | None = None
         self.alignment: GeneAlignment | None = None
@@ -74,6 +75,11 @@ class CellDataModule(L.LightningDataModule):
                         list(np.asarray(ids)[~expressed][:5]))
             has_label = has_label & expressed
         labels = np.asarray([str(x) for x in labels], dtype=object)
+        if self.exclude_classes:  # held out on purpose, e.g. to measure how the model flags unseen types
+            excluded = np.isin(labels, self.exclude_classes) & has_label
+            log.warning("excluding %d cells of classes %s (data.exclude_classes)", int(excluded.sum()),
+                        self.exclude_classes)
+            has_label = has_label & ~excluded
         keep, dropped = drop_rare_classes(labels[has_label], self.min_cells_per_class)
         if dropped:
             log.warning("dropping classes with fewer than %d cells: %s", self.min_cells_per_class, dropped)

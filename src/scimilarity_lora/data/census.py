@@ -117,13 +117,15 @@ class CensusDataModule(CellDataModule):
         target_sum: float = 1e4,
         input_format: str = "auto",
         gene_aliases: bool = True,
+        exclude_classes: list[str] | None = None,
     ) -> None:
         super().__init__(label_key=label_key, donor_key=donor_key, min_cells_per_class=min_cells_per_class,
                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
                          num_workers=num_workers, min_gene_overlap=min_gene_overlap,
                          min_gene_overlap_fraction=min_gene_overlap_fraction, target_sum=target_sum,
                          input_is_log1p=False, input_format=input_format,
-                         gene_aliases=gene_aliases)  # Census X['raw'] holds counts
+                         gene_aliases=gene_aliases,
+                         exclude_classes=exclude_classes)  # Census X['raw'] holds counts
         if io_batch_size % shuffle_chunk_size:
             raise ValueError(f"data.io_batch_size ({io_batch_size}) must be a multiple of "
                              f"data.shuffle_chunk_size ({shuffle_chunk_size})")

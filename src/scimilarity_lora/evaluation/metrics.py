@@ -8,8 +8,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+# calibration lives with inference, which applies it; re-exported here for reports and tests
+from scimilarity_lora.inference.calibration import (  # noqa: F401
+    choose_threshold,
+    coverage_accuracy,
+    fit_temperature,
+    softmax,
+)
 
 
 # -- classification ------------------------------------------------------------------------------------------
@@ -110,47 +116,3 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 1
         if m.any():
             ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
     return float(ece)
-
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray, max_iter: int = 200) -> float:
-    """Temperature T > 0 minimising the NLL of softmax(logits / T) on held-out (validation) data."""
-    z = torch.as_tensor(logits, dtype=torch.float64)
-    t = torch.as_tensor(y, dtype=torch.long)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(z / log_t.exp(), t)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(log_t.detach().exp())
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def coverage_accuracy(probs: np.ndarray, y: np.ndarray, thresholds: Sequence[float]) -> list[dict]:
-    """For each confidence threshold: the fraction of cells kept (others -> 'unknown') and accuracy on them."""
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y
-    rows = []
-    for th in thresholds:
-        keep = conf >= th
-        rows.append({"threshold": float(th), "coverage": float(keep.mean()),
-                     "accuracy": float(correct[keep].mean()) if keep.any() else float("nan")})
-    return rows
-
-
-def choose_threshold(probs: np.ndarray, y: np.ndarray, target_accuracy: float) -> float:
-    """Lowest confidence threshold whose kept cells reach ``target_accuracy`` (0 if all cells already do)."""
-    for row in coverage_accuracy(probs, y, np.linspace(0, 1, 101)):
-        if row["coverage"] > 0 and row["accuracy"] >= target_accuracy:
-            return row["threshold"]
-    return 1.0

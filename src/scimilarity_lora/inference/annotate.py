@@ -3,7 +3,8 @@
     python -m scimilarity_lora.inference.annotate outputs/runs/<date>/<time>/model cells.h5ad annotated.h5ad --layer counts
 
 Cells are processed in batches of rows (aligned, normalised and embedded per batch), so a million-cell sparse
-file is never densified as a whole. Writes ``obs["scimilarity_lora_label"]``, ``..._confidence``, ``..._status`` (``ok`` | ``no_expression``),
+file is never densified as a whole. Writes ``obs["scimilarity_lora_label"]`` (a class or "unknown"),
+``..._best_guess``, ``..._confidence`` (calibrated), ``..._status`` (ok | low_confidence | novel | no_expression),
 ``..._top{k}`` (``"label:prob; ..."``), ``obsm['X_scimilarity']`` and ``uns['scimilarity_lora']``.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from scimilarity_lora.data.io import expression_matrix, gene_names, read_anndata, validate_matrix
+from scimilarity_lora.inference.calibration import STATUSES, UNKNOWN
 from scimilarity_lora.inference.predictor import CellTypePredictor
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,12 @@ def annotate(
     min_overlap: int = 50,
     key_added: str = "scimilarity_lora",
     progress: bool = True,
+    force_label: bool = False,
 ) -> ad.AnnData:
-    """Predict labels and embeddings for every cell of ``adata`` (modified in place and returned)."""
+    """Predict labels and embeddings for every cell of ``adata`` (modified in place and returned).
+
+    A cell the model declines (low calibrated confidence, or unlike every training class: ``..._status``) is
+    labelled "unknown", its best guess kept in ``..._best_guess``; ``force_label=True`` labels every cell."""
     from dataclasses import replace
 
     predictor = model if isinstance(model, CellTypePredictor) else CellTypePredictor.load(model)
@@ -50,15 +56,17 @@ def annotate(
     probs, emb, ok = result.probs, result.embeddings, result.expressed
     classes = np.asarray(predictor.classes)
     order = np.argsort(-probs, axis=1)[:, :top_k]
-    labels = pd.Categorical(classes[order[:, 0]], categories=predictor.classes)
+    labels = pd.Categorical(predictor.answer(probs, result.status, force_label),
+                            categories=[*predictor.classes, UNKNOWN])
     labels[~ok] = np.nan  # no expression in the model's genes: left unlabelled, never a made-up answer
     adata.obs[f"{key_added}_label"] = labels
+    adata.obs[f"{key_added}_best_guess"] = pd.Categorical(np.where(ok, classes[order[:, 0]], None),
+                                                          categories=predictor.classes)
     adata.obs[f"{key_added}_confidence"] = np.where(ok, probs[np.arange(len(probs)), order[:, 0]], np.nan)
     adata.obs[f"{key_added}_top{top_k}"] = [
         "; ".join(f"{classes[j]}:{probs[i, j]:.3f}" for j in row) if ok[i] else "" for i, row in enumerate(order)
     ]
-    adata.obs[f"{key_added}_status"] = pd.Categorical(np.where(ok, "ok", "no_expression"),
-                                                      categories=["ok", "no_expression"])
+    adata.obs[f"{key_added}_status"] = pd.Categorical(result.status, categories=list(STATUSES))
     adata.obsm["X_scimilarity"] = np.where(ok[:, None], emb, np.nan).astype(np.float32)
     if not ok.all():
         log.warning("%d of %d cells have no expression in the model's genes: their label is left empty "
@@ -69,6 +77,8 @@ def annotate(
         "gene_overlap": alignment.summary(),
         "input_is_log1p": bool(input_is_log1p),
         "n_cells_without_expression": int((~ok).sum()),
+        "status_counts": {s: int((result.status == s).sum()) for s in STATUSES},
+        "force_label": bool(force_label),
         "finetune": str(predictor.spec.finetune),
     }
     return adata
@@ -85,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gene-ids-key", default=None)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--force-labels", action="store_true", help="label every cell, never 'unknown'")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = Path(args.model)
@@ -92,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         model = model / "model"
     adata = read_anndata(args.input)
     annotate(adata, model, layer=args.layer, input_is_log1p=args.log1p, gene_symbols_key=args.gene_symbols_key,
-             gene_ids_key=args.gene_ids_key, batch_size=args.batch_size, top_k=args.top_k)
+             gene_ids_key=args.gene_ids_key, batch_size=args.batch_size, top_k=args.top_k,
+             force_label=args.force_labels)
     adata.write_h5ad(args.output)
     counts = adata.obs["scimilarity_lora_label"].value_counts()
     log.info("annotated %d cells -> %s\n%s", adata.n_obs, args.output, counts.to_string())

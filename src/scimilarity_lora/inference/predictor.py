@@ -18,6 +18,7 @@ import torch
 
 from scimilarity_lora.genes import GeneAlignment, align_genes, gene_positions, symbol_aliases
 from scimilarity_lora.inference.artifact import ModelSpec, read_model_dir
+from scimilarity_lora.inference.calibration import UNKNOWN, Calibration
 from scimilarity_lora.model.classifier import CellClassifier
 from scimilarity_lora.model.sparse import SparseBatch
 from scimilarity_lora.preprocess import EmptyCellError
@@ -26,9 +27,12 @@ from scimilarity_lora.preprocess import EmptyCellError
 class CellTypePredictor:
     """A merged classifier with the gene order, classes and preprocessing it was trained with."""
 
-    def __init__(self, classifier: CellClassifier, spec: ModelSpec, config: dict | None = None) -> None:
+    def __init__(self, classifier: CellClassifier, spec: ModelSpec, config: dict | None = None,
+                 calibration: Calibration | None = None) -> None:
         self.classifier = classifier.eval()
         self.spec = spec
+        #: temperature, confidence threshold and novelty detector fitted by training (None: every answer is a label)
+        self.calibration = calibration
         self.genes, self.classes, self.preprocessing = tuple(spec.genes), list(spec.classes), spec.preprocessing
         self.gene_positions = gene_positions(self.genes)
         self.config = config or spec.to_json()
@@ -37,7 +41,7 @@ class CellTypePredictor:
     @classmethod
     def load(cls, path: str | Path) -> "CellTypePredictor":
         spec, classifier, config = read_model_dir(path)
-        return cls(classifier, spec, config)
+        return cls(classifier, spec, config, Calibration.load(path))
 
     @property
     def latent_dim(self) -> int:
@@ -69,10 +73,25 @@ class CellTypePredictor:
         """(logits, embeddings) for preprocessed inputs."""
         return self.classifier.logits_and_embedding(x)
 
+    @property
+    def temperature(self) -> float:
+        return self.calibration.temperature if self.calibration is not None else 1.0
+
     def forward(self, x: "torch.Tensor | SparseBatch") -> tuple[torch.Tensor, torch.Tensor]:
-        """(probabilities, embeddings) for preprocessed inputs."""
+        """(calibrated probabilities, embeddings) for preprocessed inputs."""
         logits, z = self.logits(x)
-        return torch.softmax(logits, dim=1), z
+        return torch.softmax(logits / self.temperature, dim=1), z
+
+    def status(self, probs: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Per cell "ok", "low_confidence" or "novel" (see :mod:`.calibration`); all "ok" without a calibration."""
+        if self.calibration is None:
+            return np.full(len(probs), "ok", dtype=object)
+        return self.calibration.status(probs, z)
+
+    def answer(self, probs: np.ndarray, status: np.ndarray, force_label: bool = False) -> list[str]:
+        """The label to report per cell: the best class, or "unknown" unless ``force_label``."""
+        best = np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)]
+        return [b if force_label or s == "ok" else UNKNOWN for b, s in zip(best, status)]
 
     def iter_batches(self, X: sp.spmatrix | np.ndarray, alignment: GeneAlignment, *, input_is_log1p: bool = False,
                      batch_size: int = 1024, progress: bool = False
@@ -106,11 +125,13 @@ class CellTypePredictor:
         alignment = self.alignment(genes, gene_ids, min_overlap)
         out = Predictions(np.zeros((X.shape[0], len(self.classes)), dtype=np.float32),
                           np.zeros((X.shape[0], self.latent_dim), dtype=np.float32),
-                          np.zeros(X.shape[0], dtype=bool))
+                          np.zeros(X.shape[0], dtype=bool), np.full(X.shape[0], "no_expression", dtype=object))
         for rows, logits, z, expressed in self.iter_batches(X, alignment, input_is_log1p=input_is_log1p,
                                                             batch_size=batch_size, progress=progress):
-            probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+            probs = torch.softmax(torch.from_numpy(logits) / self.temperature, dim=1).numpy()
             out.probs[rows], out.embeddings[rows], out.expressed[rows] = np.where(expressed[:, None], probs, 0), z, expressed
+            status = out.status[rows]
+            status[expressed] = self.status(probs[expressed], z[expressed])
         return out
 
     def predict(self, X: sp.spmatrix | np.ndarray, genes: Sequence[str], *, gene_ids: Sequence[str] | None = None,
@@ -129,3 +150,4 @@ class Predictions:
     probs: np.ndarray       # cells x classes (zeros where not expressed)
     embeddings: np.ndarray  # cells x latent (zeros where not expressed)
     expressed: np.ndarray   # cells: any expression in the model's genes
+    status: np.ndarray      # cells: "ok", "low_confidence", "novel" or "no_expression"

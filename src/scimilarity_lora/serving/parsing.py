@@ -89,6 +89,7 @@ class NpzBatch:
     genes: list[str]
     values: str
     top_k: int
+    force_label: bool = False
 
 
 def parse_npz(body: bytes) -> NpzBatch:
@@ -113,6 +114,7 @@ def parse_npz(body: bytes) -> NpzBatch:
             parts = [np.asarray(f[k]) for k in ("genes", "indptr", "indices", "data")]
             values = np.asarray(f["values"]) if "values" in f.files else np.asarray("counts")
             top_k = np.asarray(f["top_k"]) if "top_k" in f.files else np.asarray(3)
+            force = np.asarray(f["force_label"]) if "force_label" in f.files else np.asarray(False)
     except InvalidArgument:
         raise
     except Exception as e:  # noqa: BLE001 - any parse failure is the client's malformed body
@@ -124,7 +126,9 @@ def parse_npz(body: bytes) -> NpzBatch:
         raise InvalidArgument("values must be the string 'counts' or 'log1p'")
     if top_k.ndim != 0 or top_k.dtype.kind not in "iu" or not 1 <= int(top_k) <= 100:
         raise InvalidArgument("top_k must be one integer from 1 to 100")
+    if force.ndim != 0 or force.dtype.kind != "b":
+        raise InvalidArgument("force_label must be one boolean")
     if any(p.dtype.kind not in "iu" for p in parts[1:3]) or parts[3].dtype.kind not in "iuf":
         raise InvalidArgument("indptr and indices must be integer arrays, data numeric")
     X, genes = csr_from_parts(*parts)
-    return NpzBatch(X, genes, str(values), int(top_k))
+    return NpzBatch(X, genes, str(values), int(top_k), bool(force))

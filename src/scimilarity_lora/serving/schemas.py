@@ -21,6 +21,8 @@ Values = Literal["counts", "log1p"]
 GeneName = Annotated[str, Field(min_length=1, max_length=200)]
 Expression = Annotated[dict[GeneName, Finite], Field(min_length=1, max_length=SETTINGS.max_genes)]
 TopK = Annotated[int, Field(strict=True, ge=1, le=100)]
+ForceLabel = Annotated[bool, Field(strict=True, description='true: always name a cell type; false (default): answer '
+                                   '"unknown" for a cell the model is not confident about or has never seen the like of')]
 
 
 class _Strict(BaseModel):
@@ -31,6 +33,7 @@ class CellRequest(_Strict):
     expression: Expression = Field(description="gene symbol -> expression value for one cell")
     values: Values = Field("counts", description="'counts' (raw UMI counts) or 'log1p' (log1p(normalize_total))")
     top_k: TopK = Field(3, description="how many ranked cell types to return")
+    force_label: ForceLabel = False
 
 
 class BatchCell(_Strict):
@@ -52,6 +55,7 @@ class BatchRequest(_Strict):
     sparse: SparseCells | None = None
     values: Values = "counts"
     top_k: TopK = 3
+    force_label: ForceLabel = False
 
 
 class EmbedRequest(_Strict):

@@ -74,8 +74,9 @@ async def _predict_batch_npz(request: Request) -> JSONResponse:
         batch, x, alignment = await svc.off_loop(prepare)
     except InvalidArgument as e:
         return JSONResponse({"error": str(e)}, status_code=400)
-    probs, _ = await svc.batcher.run(x)
-    return JSONResponse(svc.batch_response(probs, batch.top_k, [alignment.n_overlap] * len(probs)))
+    probs, z = await svc.batcher.run(x)
+    return JSONResponse(svc.batch_response(probs, z, batch.top_k, [alignment.n_overlap] * len(probs),
+                                           batch.force_label))
 
 
 v1_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]),
@@ -113,6 +114,10 @@ class SCimilarityLoRA:
             "base": spec.base,
             "base_is_pretrained": bool(spec.base.get("is_pretrained")),
             "training_metrics": info.metadata.get("metrics", {}),
+            "unknown": None if self.predictor.calibration is None else {
+                "temperature": self.predictor.calibration.temperature,
+                "confidence_threshold": self.predictor.calibration.confidence_threshold,
+                "novelty_threshold": self.predictor.calibration.novelty_threshold},
             "limits": {"max_genes_per_cell": SETTINGS.max_genes, "max_cells": SETTINGS.max_cells,
                        "max_body_bytes": SETTINGS.max_body_bytes},
         }
@@ -140,10 +145,15 @@ class SCimilarityLoRA:
         X = sp.csr_matrix(np.asarray([list(expression.values())], dtype=np.float32))
         return self.featurize(X, list(expression), values, where)
 
-    def _prediction(self, probs: np.ndarray, top_k: int) -> dict[str, Any]:
+    def _predictions(self, probs: np.ndarray, z: np.ndarray, top_k: int, force_label: bool) -> list[dict[str, Any]]:
+        status = self.predictor.status(probs, z)
+        answers = self.predictor.answer(probs, status, force_label)
+        return [{"cell_type": answer, "status": s, **self._ranking(p, top_k)} for p, s, answer in zip(probs, status, answers)]
+
+    def _ranking(self, probs: np.ndarray, top_k: int) -> dict[str, Any]:
         order = np.argsort(-probs)[:top_k]
         return {
-            "cell_type": self.predictor.classes[int(order[0])],
+            "best_guess": self.predictor.classes[int(order[0])],
             "confidence": round(float(probs[order[0]]), 6),
             "top_k": [{"cell_type": self.predictor.classes[int(i)], "probability": round(float(probs[i]), 6)}
                       for i in order],
@@ -158,29 +168,32 @@ class SCimilarityLoRA:
         x, alignment = self.featurize(X, genes, values)
         return x, [alignment.n_overlap] * X.shape[0]
 
-    def batch_response(self, probs: np.ndarray, top_k: int, used: list[int]) -> dict:
-        return {"predictions": [{**self._prediction(p, top_k), "genes_used": u} for p, u in zip(probs, used)],
-                "n_cells": len(used)}
+    def batch_response(self, probs: np.ndarray, z: np.ndarray, top_k: int, used: list[int],
+                       force_label: bool = False) -> dict:
+        predictions = self._predictions(probs, z, top_k, force_label)
+        return {"predictions": [{**p, "genes_used": u} for p, u in zip(predictions, used)], "n_cells": len(used)}
 
     # -- endpoints -------------------------------------------------------------------------------------------
     @bentoml.api(input_spec=CellRequest, route="/predict")
-    async def predict(self, expression: dict[str, float], values: str = "counts", top_k: int = 3) -> dict:
-        """Predict the cell type of one cell."""
+    async def predict(self, expression: dict[str, float], values: str = "counts", top_k: int = 3,
+                      force_label: bool = False) -> dict:
+        """Predict the cell type of one cell ("unknown", with the best guess and the reason, when the model is not
+        confident or has never seen the like of it; ``force_label`` always names a type)."""
         x, alignment = await self.off_loop(self._one_cell, expression, values)
-        probs, _ = await self.batcher.run(x)
+        probs, z = await self.batcher.run(x)
         unknown = list(alignment.unknown_genes)
-        return {**self._prediction(probs[0], top_k), "genes_used": alignment.n_overlap,
+        return {**self._predictions(probs, z, top_k, force_label)[0], "genes_used": alignment.n_overlap,
                 "genes_unknown": unknown[:100], "n_genes_unknown": len(unknown), "values": values}
 
     @bentoml.api(input_spec=BatchRequest, route="/predict_batch")
     async def predict_batch(self, cells: list | None = None, sparse: SparseCells | None = None,
-                            values: str = "counts", top_k: int = 3) -> dict:
+                            values: str = "counts", top_k: int = 3, force_label: bool = False) -> dict:
         """Predict many cells: a list of expression dicts, or one CSR-like sparse block with a shared gene list."""
         if (cells is None) == (sparse is None):
             raise InvalidArgument("send exactly one of 'cells' (a list of {expression: {...}}) or 'sparse'")
         x, used = await self.off_loop(self._prepare_batch, cells, sparse, values)
-        probs, _ = await self.batcher.run(x)
-        return self.batch_response(probs, top_k, used)
+        probs, z = await self.batcher.run(x)
+        return self.batch_response(probs, z, top_k, used, force_label)
 
     @bentoml.api(input_spec=EmbedRequest, route="/embed")
     async def embed(self, expression: dict[str, float], values: str = "counts") -> dict:

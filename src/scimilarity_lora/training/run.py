@@ -25,6 +25,7 @@ from scimilarity_lora.model.encoder import EncoderConfig
 from scimilarity_lora.model.folder import DEFAULT_HIDDEN_DIM, BaseModel, save_model_folder, state_dict_hash
 from scimilarity_lora.preprocess import Preprocessing
 from scimilarity_lora.training.callbacks import MetricsHistory, RestoreRNGState, SetDatasetEpoch, TrainingSpeed
+from scimilarity_lora.training.calibrate import fit_calibration
 from scimilarity_lora.training.checkpoint_io import classifier_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,13 @@ def _write_outputs(out: Path, cfg, model, datamodule, best_path: str, metrics: d
     extra = {"metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
              "training_config": OmegaConf.to_container(cfg, resolve=True)}
     save_model_dir(best.model, best.spec(), out / MODEL_DIR, extra=extra, seen_genes=best.seen_genes)
+    calibration = fit_calibration(best.model, datamodule, len(best.classes),
+                                  target_accuracy=float(cfg.get("unknown", {}).get("target_accuracy", 0.9)),
+                                  novelty_quantile=float(cfg.get("unknown", {}).get("novelty_quantile", 0.99)))
+    calibration.save(out / MODEL_DIR)
+    metrics["unknown"] = {"temperature": calibration.temperature,
+                          "confidence_threshold": calibration.confidence_threshold,
+                          "novelty_threshold": round(calibration.novelty_threshold, 6)}
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     plots = out / "plots"
     plots.mkdir(exist_ok=True)

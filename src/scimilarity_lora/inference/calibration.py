@@ -1,0 +1,138 @@
+"""When to answer "unknown": what training fits on held-out validation cells, and the predictor applies.
+
+- a **temperature** T (softmax(logits / T) minimises validation NLL), so confidences mean what they say;
+- a **confidence threshold**: the lowest calibrated confidence at which validation cells reach a target accuracy
+  (0.9 by default); below it the answer is "unknown" (reason ``low_confidence``);
+- a **novelty detector** on the embedding: the cosine distance to the nearest class centroid of the training cells,
+  with the threshold that keeps ``novelty_quantile`` (0.99) of validation cells in; above it the answer is
+  "unknown" (reason ``novel``): a cell unlike anything the model was trained on, whatever the head says.
+
+Pure NumPy/torch, saved as JSON + safetensors in the model directory (``calibration.json``, ``centroids.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+CALIBRATION_FILE = "calibration.json"
+CENTROIDS_FILE = "centroids.safetensors"
+#: the answer for a cell the model declines to label
+UNKNOWN = "unknown"
+STATUSES = ("ok", "low_confidence", "novel", "no_expression")
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, max_iter: int = 200) -> float:
+    """Temperature T > 0 minimising the NLL of softmax(logits / T) on held-out (validation) data."""
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    t = torch.as_tensor(y, dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), t)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp())
+
+
+def coverage_accuracy(probs: np.ndarray, y: np.ndarray, thresholds: Sequence[float]) -> list[dict]:
+    """For each confidence threshold: the fraction of cells kept (others -> 'unknown') and accuracy on them."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    rows = []
+    for th in thresholds:
+        keep = conf >= th
+        rows.append({"threshold": float(th), "coverage": float(keep.mean()),
+                     "accuracy": float(correct[keep].mean()) if keep.any() else float("nan")})
+    return rows
+
+
+def choose_threshold(probs: np.ndarray, y: np.ndarray, target_accuracy: float) -> float:
+    """Lowest confidence threshold whose kept cells reach ``target_accuracy`` (0 if all cells already do)."""
+    for row in coverage_accuracy(probs, y, np.linspace(0, 1, 101)):
+        if row["coverage"] > 0 and row["accuracy"] >= target_accuracy:
+            return row["threshold"]
+    return 1.0
+
+
+def class_centroids(z: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Unit-norm mean embedding per class (zeros for a class without cells)."""
+    out = np.zeros((n_classes, z.shape[1]), dtype=np.float32)
+    for c in range(n_classes):
+        if (y == c).any():
+            m = z[y == c].mean(axis=0)
+            out[c] = m / max(float(np.linalg.norm(m)), 1e-12)
+    return out
+
+
+def novelty_scores(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """1 - the cosine similarity to the nearest class centroid (0: at a centroid; up to 2)."""
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True).clip(1e-12)
+    present = np.linalg.norm(centroids, axis=1) > 0
+    return 1.0 - (zn @ centroids[present].T).max(axis=1)
+
+
+@dataclass
+class Calibration:
+    temperature: float
+    confidence_threshold: float
+    novelty_threshold: float
+    centroids: np.ndarray  # classes x latent, unit norm
+    target_accuracy: float = 0.9
+    novelty_quantile: float = 0.99
+
+    @classmethod
+    def fit(cls, val_logits: np.ndarray, val_y: np.ndarray, val_z: np.ndarray, train_z: np.ndarray,
+            train_y: np.ndarray, n_classes: int, target_accuracy: float = 0.9,
+            novelty_quantile: float = 0.99) -> "Calibration":
+        temperature = fit_temperature(val_logits, val_y)
+        threshold = choose_threshold(softmax(val_logits, temperature), val_y, target_accuracy)
+        centroids = class_centroids(train_z, train_y, n_classes)
+        novelty = float(np.quantile(novelty_scores(val_z, centroids), novelty_quantile))
+        return cls(round(temperature, 6), float(threshold), novelty, centroids, target_accuracy, novelty_quantile)
+
+    def status(self, probs: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Per cell: "ok", "novel" (far from every class) or "low_confidence" (calibrated ``probs`` below the
+        threshold); novelty wins when both apply."""
+        out = np.full(len(probs), "ok", dtype=object)
+        out[probs.max(axis=1) < self.confidence_threshold] = "low_confidence"
+        out[novelty_scores(z, self.centroids) > self.novelty_threshold] = "novel"
+        return out
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        (folder / CALIBRATION_FILE).write_text(json.dumps({
+            "temperature": self.temperature, "confidence_threshold": self.confidence_threshold,
+            "novelty_threshold": self.novelty_threshold, "target_accuracy": self.target_accuracy,
+            "novelty_quantile": self.novelty_quantile, "novelty_score": "1 - max cosine to a class centroid"},
+            indent=2))
+        save_file({"centroids": torch.from_numpy(np.ascontiguousarray(self.centroids, dtype=np.float32))},
+                  folder / CENTROIDS_FILE)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Calibration | None":
+        folder = Path(folder)
+        if not (folder / CALIBRATION_FILE).is_file():
+            return None
+        d = json.loads((folder / CALIBRATION_FILE).read_text())
+        centroids = load_file(folder / CENTROIDS_FILE)["centroids"].numpy()
+        return cls(float(d["temperature"]), float(d["confidence_threshold"]), float(d["novelty_threshold"]),
+                   centroids, float(d["target_accuracy"]), float(d["novelty_quantile"]))
