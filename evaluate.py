@@ -3,8 +3,11 @@
 import hydra
 from omegaconf import DictConfig
 
+from scimilarity_lora.training.user_errors import one_line_errors
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     from scimilarity_lora.evaluation.evaluate import evaluate_run
 

@@ -9,11 +9,13 @@ import hydra
 from omegaconf import DictConfig
 
 from scimilarity_lora.training.resolvers import register
+from scimilarity_lora.training.user_errors import one_line_errors
 
 register()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@one_line_errors
 def main(cfg: DictConfig) -> float | None:
     from scimilarity_lora.training.run import run  # imported lazily: config errors surface before heavy imports
 

@@ -164,3 +164,16 @@ def test_ddp_two_processes_shard_the_census_stream(store, tmp_path):
     n_train = len(pd.read_csv(tmp_path / "run" / "splits.csv").query("split == 'train'"))
     assert abs(cells["rank0_of2_epoch0.json"] - cells["rank1_of2_epoch0.json"]) <= 64  # within one batch
     assert n_train - 128 <= sum(cells.values()) <= n_train  # together they cover the slice once, not twice
+
+
+def test_unreachable_census_servers_say_what_to_do(monkeypatch):
+    """The Census servers are a true boundary here: their failure is simulated, our handling is real."""
+    import cellxgene_census
+    import requests
+
+    def offline(**kwargs):
+        raise requests.exceptions.ConnectionError("Max retries exceeded (NameResolutionError)")
+
+    monkeypatch.setattr(cellxgene_census, "open_soma", offline)
+    with pytest.raises(DataError, match="Census servers could not be reached .* data.uri=/path/to/soma"):
+        CensusDataModule().open()

@@ -36,6 +36,8 @@ def test_report_matches_training_metrics(sweep):
         assert {"frozen_embedding_lr", "genes_lr"} == set(report["baselines"])
         for name in ("report.json", "report.md", "confusion_matrix.png"):
             assert (root / job / "evaluation" / name).is_file()
+        assert (root / job / "evaluation" / "embeddings.png").stat().st_size > 20_000  # base vs adapted UMAPs
+        assert "![embeddings: base vs adapted](embeddings.png)" in (root / job / "evaluation" / "report.md").read_text()
         assert "## Most confused pairs" in (root / job / "evaluation" / "report.md").read_text()
         c = report["calibration"]
         assert c["temperature"] > 0 and 0 <= c["ece_after"] <= 1
@@ -145,6 +147,7 @@ def test_evaluation_is_logged_to_wandb_offline(sweep, monkeypatch):
     (offline,) = (run / "evaluation" / "wandb").glob("offline-run-*")
     media = {part for p in offline.glob("files/media/**/*") if p.is_file() for part in p.parts}
     assert {"images", "table"} <= media
+    assert list(offline.glob("files/media/images/evaluation/embeddings*.png"))
     record = next(offline.glob("run-*.wandb")).read_bytes()
     assert b"evaluation/macro_f1" in record and str(sweep[0]).encode() in record  # the sweep's group
 

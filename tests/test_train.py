@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_counts_adata
-from helpers import FAST, compose_train, run_train_cli
+from helpers import REPO, FAST, compose_train, run_train_cli
 from scimilarity_lora.training.checkpoint_io import classifier_from_checkpoint
 from scimilarity_lora.data.anndata import DataError
 from scimilarity_lora.labels import LabelError
@@ -132,9 +132,13 @@ def test_multirun_gives_one_run_dir_per_value(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = sorted(json.loads((tmp_path / str(i) / "metrics.json").read_text())["finetune"]["r"] for i in (0, 1))
     assert ranks == [2, 4]
+    group = "train-multirun-" + "_".join(tmp_path.parts[-2:])  # readable: job name + the sweep dir's last parts
     for i in (0, 1):  # one W&B run per job, both in the sweep's group
         (record,) = (tmp_path / str(i) / "wandb").glob("offline-run-*/run-*.wandb")
-        assert f'"{tmp_path}"'.encode() in record.read_bytes()  # exactly the sweep dir, not the job's own dir
+        data = record.read_bytes()
+        assert f'"{group}"'.encode() in data
+        assert json.loads((tmp_path / str(i) / "metrics.json").read_text())["wandb_group"] == group
+        assert f"lora.r={2 * (i + 1)}".encode() in data  # the run's name shows its swept key
 
 
 @pytest.mark.slow
@@ -148,7 +152,45 @@ def test_wandb_offline_run_is_written(tmp_path):
     assert {"images", "table"} <= media  # confusion matrix image and per-class F1 table
     record = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline: config and metrics live in this record file
     assert b"trainable_params" in record and b"test/macro_f1" in record
-    assert str(tmp_path).encode() in record  # the group: a single run is its own group
+    group = "train-" + "_".join(tmp_path.parts[-2:])  # a single run is its own group, with a readable name
+    assert f'"{group}"'.encode() in record
+
+
+@pytest.mark.slow
+def test_wandb_without_a_login_falls_back_to_offline_with_one_warning(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path / "home")  # no ~/.netrc: no key configured
+    res = subprocess.run([sys.executable, str(REPO / "train.py"), "model=tiny", "trainer.max_epochs=1",
+                          "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "no API key is configured" in res.stderr + res.stdout and "UsageError" not in res.stderr
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+@pytest.mark.slow
+def test_a_user_error_is_one_line_not_a_traceback(tmp_path):
+    res = run_train_cli(["model=tiny", "data.label_key=cell_typ", f"hydra.run.dir={tmp_path}"])
+    assert res.returncode == 2
+    assert "error: label column 'cell_typ' not in obs; available columns: ['bulk_labels'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_learning_curves_pair_both_splits_of_each_epoch(trained_run):
+    """Epoch 0 has its training point, and epochs are whole numbers on the axis."""
+    from scimilarity_lora.evaluation.plots import learning_curves_figure
+
+    out, _ = trained_run
+    rows = json.loads((out / "metrics.json").read_text())["history"]
+    assert [r["epoch"] for r in rows] == list(range(len(rows))) and len(rows) >= 2
+    assert all("train/loss" in r and "val/loss" in r for r in rows)
+    fig = learning_curves_figure(rows)
+    assert all(float(t).is_integer() for ax in fig.axes for t in ax.get_xticks())
+    assert (out / "plots" / "learning_curves.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

@@ -147,7 +147,16 @@ class CensusDataModule(CellDataModule):
             if "://" not in self.uri and not Path(self.uri).exists():
                 raise DataError(f"no SOMA store at {self.uri}")
             return cellxgene_census.open_soma(uri=self.uri, tiledb_config=self.tiledb_config)
-        return cellxgene_census.open_soma(census_version=self.census_version, tiledb_config=self.tiledb_config)
+        import requests
+
+        try:
+            return cellxgene_census.open_soma(census_version=self.census_version, tiledb_config=self.tiledb_config)
+        except requests.exceptions.RequestException as e:
+            raise DataError(
+                f"the CELLxGENE Census servers could not be reached ({type(e).__name__}); point data.uri at a local "
+                "or mirrored copy of the Census (a SOMA store: copy the release with `aws s3 sync` or tiledbsoma, or "
+                "build a Census-shaped store from your own .h5ad with `python -m scimilarity_lora.data.soma_store`) "
+                "and run again with data.uri=/path/to/soma") from None
 
     def _var(self, exp) -> pd.DataFrame:
         var = exp.ms[self.measurement].var.read(column_names=["soma_joinid", "feature_id", "feature_name"])

@@ -7,7 +7,7 @@ the model is the run's exported ``model/`` directory, i.e. exactly what serving 
 :class:`~scimilarity_lora.inference.predictor.CellTypePredictor` batch by batch (sparse batches stay sparse, so a
 Census-sized test split at 28,231 genes never becomes one dense matrix). The base encoder is the one training
 recorded (a pretrained folder, or the stand-in saved in the run's ``base/``), checked by the hash of its weights.
-Writes ``<run_dir>/evaluation/{report.json, report.md, confusion_matrix.png}``.
+Writes ``<run_dir>/evaluation/{report.json, report.md, confusion_matrix.png, embeddings.png}``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from scimilarity_lora.evaluation.metrics import (
     softmax,
     top_confusions,
 )
-from scimilarity_lora.evaluation.plots import plot_confusion_matrix
+from scimilarity_lora.evaluation.plots import plot_confusion_matrix, plot_embeddings
 from scimilarity_lora.evaluation.report import render_markdown
 from scimilarity_lora.inference.artifact import ModelSpec
 from scimilarity_lora.inference.predictor import CellTypePredictor
@@ -197,6 +197,8 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(render_markdown(report, train_metrics))
     plot_confusion_matrix(model_report["confusion_matrix"], classes, out / "confusion_matrix.png")
+    plot_embeddings(test.z_base, test.z, test.y, test.logits.argmax(1), classes, out / "embeddings.png",
+                    seed=int(cfg.seed))
     if wandb_project:
         log_to_wandb(report, run_dir, out, wandb_project, group=train_metrics.get("wandb_group"))
     log.info("evaluation written to %s", out)
@@ -218,6 +220,7 @@ def log_to_wandb(report: dict, run_dir: Path, out: Path, project: str, group: st
     run.log({
         **scalars,
         "evaluation/confusion_matrix": wandb.Image(str(out / "confusion_matrix.png")),
+        "evaluation/embeddings": wandb.Image(str(out / "embeddings.png")),
         "evaluation/per_class": wandb.Table(
             columns=["cell_type", "precision", "recall", "f1", "support"],
             data=[[c, v["precision"], v["recall"], v["f1"], v["support"]] for c, v in m["per_class"].items()]),

@@ -42,19 +42,60 @@ def plot_confusion_matrix(cm: Sequence[Sequence[float]], classes: Sequence[str],
     return Path(path)
 
 
-def plot_learning_curves(rows: list[dict[str, float]], path: str | Path) -> Path:
+def learning_curves_figure(rows: list[dict[str, float]]):
+    """Train and validation loss and macro-F1 per epoch (one row per epoch, both splits of the same epoch)."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    epochs = [r["epoch"] for r in rows]
+    epochs = [int(r["epoch"]) for r in rows]
     for key, ax in (("loss", a), ("macro_f1", b)):
         for split in ("train", "val"):
             values = [r.get(f"{split}/{key}", np.nan) for r in rows]
             ax.plot(epochs, values, marker="o", label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_title(key)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_learning_curves(rows: list[dict[str, float]], path: str | Path) -> Path:
+    fig = learning_curves_figure(rows)
     fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def plot_embeddings(z_base: np.ndarray, z_adapted: np.ndarray, y: np.ndarray, predicted: np.ndarray,
+                    classes: Sequence[str], path: str | Path, seed: int = 0) -> Path:
+    """UMAPs of the same cells' embeddings, base encoder beside adapted encoder, coloured by true label, with the
+    adapted model's misclassified cells ringed. scanpy's own neighbours graph and UMAP on each embedding."""
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    labels = pd.Categorical(np.asarray(classes, dtype=object)[y], categories=list(classes))
+    wrong = predicted != y
+    for ax, (title, z) in zip(axes, (("base encoder", z_base), ("adapted encoder", z_adapted))):
+        cells = ad.AnnData(np.zeros((len(z), 1), dtype=np.float32), obs=pd.DataFrame({"cell type": labels}))
+        cells.obsm["X_embedding"] = np.asarray(z, dtype=np.float32)
+        sc.pp.neighbors(cells, use_rep="X_embedding", n_neighbors=max(2, min(15, len(z) - 1)), random_state=seed)
+        sc.tl.umap(cells, random_state=seed)
+        last = ax is axes[-1]
+        sc.pl.umap(cells, color="cell type", ax=ax, show=False, title=title, size=30,
+                   legend_loc="right margin" if last else "none", frameon=False)
+        if last and wrong.any():
+            xy = cells.obsm["X_umap"][wrong]
+            ax.scatter(xy[:, 0], xy[:, 1], s=70, facecolors="none", edgecolors="black", linewidths=0.9,
+                       label=f"misclassified ({int(wrong.sum())})")
+            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    fig.suptitle(f"Test cells ({len(y)}): base vs adapted embedding (UMAP)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(path)

@@ -30,5 +30,5 @@ def render_markdown(report: dict, train_metrics: dict) -> str:
               f"temperature {c['temperature']} (fitted on validation); ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f}; "
               f"'unknown' below confidence {u['threshold']:.2f} (validation accuracy >= {u['target_val_accuracy']}): "
               f"test coverage {u['test_coverage']:.2f} at accuracy {u['test_accuracy']:.3f}", "",
-              "![confusion matrix](confusion_matrix.png)", ""]
+              "![confusion matrix](confusion_matrix.png)", "", "![embeddings: base vs adapted](embeddings.png)", ""]
     return "\n".join(lines)

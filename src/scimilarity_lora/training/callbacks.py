@@ -54,10 +54,10 @@ class MetricsHistory(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start_step = int(trainer.global_step)  # > 0 when resumed from a checkpoint
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        row = {"epoch": float(trainer.current_epoch)}
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after this epoch's validation and its epoch-level training metrics: both splits of the same epoch
+        # (recorded at validation end, the training metrics were the previous epoch's, and epoch 0 had none)
+        row = {"epoch": int(trainer.current_epoch)}
         row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         self.rows.append(row)
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import netrc
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,30 @@ def class_weights(y: np.ndarray, n_classes: int) -> list[float]:
     return (w / w[counts > 0].mean()).tolist()
 
 
+def wandb_offline_without_login(logger_cfg: DictConfig | None) -> bool:
+    """W&B with no API key configured and nobody at a terminal to log in would die inside Lightning with wandb's
+    UsageError. Decision: log offline instead (``wandb sync`` uploads later) and say so in one warning. With a
+    terminal, wandb's own login prompt is left to ask; an explicit ``WANDB_MODE`` is always respected."""
+    uses_wandb = any("WandbLogger" in str(node.get("_target_", "")) for node in (logger_cfg or {}).values()
+                     if node is not None)
+    if not uses_wandb or os.environ.get("WANDB_MODE") or _wandb_key_configured() or sys.stdin.isatty():
+        return False
+    os.environ["WANDB_MODE"] = "offline"
+    log.warning("W&B: no API key is configured (`wandb login` or WANDB_API_KEY) and there is no terminal to ask, "
+                "so this run logs offline; upload it later with `wandb sync <run dir>/wandb/offline-run-*`, "
+                "or set WANDB_MODE to choose")
+    return True
+
+
+def _wandb_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, OSError, netrc.NetrcParseError):
+        return False
+
+
 def _instantiate_all(nodes: DictConfig | None) -> list[Any]:
     if not nodes:
         return []
@@ -137,6 +164,7 @@ def run(cfg: DictConfig) -> float | None:
 
     speed, history = TrainingSpeed(), MetricsHistory()
     callbacks = _instantiate_all(cfg.get("callbacks")) + [speed, history, SetDatasetEpoch(), RestoreRNGState()]
+    wandb_offline_without_login(cfg.get("logger"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
@@ -187,6 +215,7 @@ def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_secon
     metrics["epochs_trained"] = int(trainer.current_epoch)
     metrics["global_step"] = int(trainer.global_step)
     metrics["resumed_from_step"] = history.start_step
+    metrics["history"] = history.rows  # per epoch: both splits' loss and metrics (the learning curves)
     metrics.update(params)
     metrics["train_seconds"] = round(train_seconds, 3)
     metrics["cells_per_second"] = round(speed.cells_per_second, 1)
