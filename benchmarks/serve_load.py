@@ -109,12 +109,73 @@ async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float
     return out
 
 
+async def mixed_load(url: str, singles: list[bytes], big: bytes, big_cells: int, seconds: float) -> dict:
+    """Single-cell /predict (2 clients) and /livez probes (every 100 ms) while one client keeps sending
+    ``big_cells``-cell /predict_batch bodies: do health and small requests stay fast behind big batches?"""
+    import aiohttp
+
+    lat: dict[str, list[float]] = {"single": [], "livez": [], "big": []}
+    errors: dict[str, int] = {}
+    deadline = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=120),
+                                     headers={"content-type": "application/json"}) as client:
+        async def call(kind: str, method: str, route: str, body: bytes | None = None) -> None:
+            t0 = time.perf_counter()
+            try:
+                async with client.request(method, route, data=body) as r:
+                    await r.read()
+                    code = r.status
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                code = type(e).__name__
+            lat[kind].append(time.perf_counter() - t0)
+            if code != 200:
+                errors[f"{kind}:{code}"] = errors.get(f"{kind}:{code}", 0) + 1
+
+        async def single(k: int) -> None:
+            i = k
+            while time.perf_counter() < deadline:
+                await call("single", "POST", "/predict", singles[i % len(singles)])
+                i += 2
+
+        async def livez() -> None:
+            while time.perf_counter() < deadline:
+                await call("livez", "GET", "/livez")
+                await asyncio.sleep(0.1)
+
+        async def batches() -> None:
+            while time.perf_counter() < deadline:
+                await call("big", "POST", "/predict_batch", big)
+
+        await asyncio.gather(single(0), single(1), livez(), batches())
+    out = {"seconds": seconds, "big_batch_cells": big_cells, "big_batch_bytes": len(big), "errors": errors}
+    for kind, values in lat.items():
+        ms = np.asarray(values) * 1000
+        out[kind] = {"requests": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+                     "p99_ms": round(float(np.percentile(ms, 99)), 2), "max_ms": round(float(ms.max()), 2)}
+    return out
+
+
+def big_batch_body(n_cells: int) -> bytes:
+    """A valid ``n_cells``-cell /predict_batch body in the list form (one expression dict per cell, raw counts):
+    the form whose JSON validation costs most."""
+    from scimilarity_lora.data.soma_store import pbmc_counts
+
+    counts = pbmc_counts()
+    X = counts.X.tocsr()
+    genes = np.asarray(counts.var["feature_name"])
+    cells = [{"expression": dict(zip(genes[X[i % X.shape[0]].indices].tolist(),
+                                     X[i % X.shape[0]].data.astype(int).tolist()))} for i in range(n_cells)]
+    return json.dumps({"cells": cells, "top_k": 1}).encode()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", default=None)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--batch-cells", type=int, default=256)
+    p.add_argument("--big-batch-cells", type=int, default=10_000)
+    p.add_argument("--mixed-only", action="store_true", help="only the health-under-big-batches scenario")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
     args = p.parse_args()
 
@@ -158,6 +219,12 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(load(url, singles[:50], 4, 2, "/predict"))  # warm-up
+        mixed = asyncio.run(mixed_load(url, singles, big_batch_body(args.big_batch_cells), args.big_batch_cells,
+                                       args.seconds * 2))
+        if args.mixed_only:
+            write_result({"benchmark": "serve_load_mixed", "model_genes": len(predictor.genes), "mixed": mixed},
+                         args.out)
+            return
         log = work / "serve.log"
         single = [asyncio.run(load(url, singles, int(c), args.seconds, "/predict", server_log=log))
                   for c in args.concurrency.split(",")]
@@ -170,6 +237,7 @@ def main() -> None:
     result = {
         "benchmark": "serve_load", "model_genes": len(predictor.genes), "classes": len(predictor.classes),
         "seconds_per_level": args.seconds, "single": single, "batch": batch, "batch_npz": batch_npz,
+        "mixed": mixed,
         "in_process_forward_cells_per_s": round(forward_cps), "in_process_featurize_forward_cells_per_s":
             round(featurize_forward_cps),
         "served_batch_over_in_process_forward": round(batch["cells_per_s"] / forward_cps, 3),

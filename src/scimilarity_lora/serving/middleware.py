@@ -111,7 +111,8 @@ def _replay(body: bytes, receive: Any) -> Any:
 
 
 class ShortErrors:
-    """Error responses stay small and say only what the client needs: a list of validation errors keeps the first
+    """Error responses are one shape, ``{"error": ..., ["n_errors", "detail"]}``, small, and say only what the client
+    needs: a list of validation errors keeps the first
     ``keep`` and a count (a 5 MB request of 10,000 bad cells no longer earns an 80 MB answer), and each keeps its
     location and message, not an echo of the input or links to the validator's internals."""
 
@@ -146,6 +147,8 @@ class ShortErrors:
             data = json.loads(body)
         except ValueError:
             return body[: self.max_bytes]
+        if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict) and "error" in data[0]:
+            return json.dumps(data[0]).encode()  # BentoML wraps endpoint errors in a one-element list: unwrap
         errors = data.get("detail") if isinstance(data, dict) else None
         if not isinstance(errors, list):
             return body if len(body) <= self.max_bytes else json.dumps({"error": str(data)[:2000]}).encode()

@@ -61,3 +61,43 @@ class BatchRequest(_Strict):
 class EmbedRequest(_Strict):
     expression: Expression
     values: Values = "counts"
+
+
+# -- answers (documented in the OpenAPI schema; see .openapi) ------------------------------------------------------
+class RankedType(BaseModel):
+    cell_type: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    cell_type: str = Field(description='the cell type, or "unknown" when status is not "ok" (unless force_label)')
+    status: Literal["ok", "low_confidence", "novel"] = Field(
+        description="ok; low_confidence: calibrated confidence below the model's threshold; novel: the embedding is "
+                    "farther from every training class than validation cells are")
+    best_guess: str = Field(description="the most probable cell type, whatever the status")
+    confidence: float = Field(ge=0, le=1, description="calibrated probability of best_guess")
+    top_k: list[RankedType]
+    genes_used: int = Field(ge=0, description="request genes that feed the model")
+
+
+class PredictResponse(Prediction):
+    genes_unknown: list[str] = Field(description="request genes the model does not know (first 100)")
+    n_genes_unknown: int = Field(ge=0)
+    values: Values
+
+
+class BatchResponse(BaseModel):
+    predictions: list[Prediction]
+    n_cells: int = Field(ge=1)
+
+
+class EmbedResponse(BaseModel):
+    embedding: list[float] = Field(description="the L2-normalised embedding of the fine-tuned encoder")
+    dim: int
+    genes_used: int = Field(ge=0)
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what is wrong with the request, naming the field or cell")
+    n_errors: int | None = Field(None, description="validation errors: how many there were")
+    detail: list[dict] | None = Field(None, description="validation errors: the first 10 (type, loc, msg)")

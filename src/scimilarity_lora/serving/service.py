@@ -36,6 +36,7 @@ from scimilarity_lora.preprocess import InvalidExpressionError
 from scimilarity_lora.serving import client_errors
 from scimilarity_lora.serving.batcher import MicroBatcher
 from scimilarity_lora.serving.middleware import RequestGuard, ShortErrors
+from scimilarity_lora.serving.openapi import CompleteOpenAPI
 from scimilarity_lora.serving.parsing import gene_error_message, parse_npz, sparse_matrix
 from scimilarity_lora.serving.schemas import BatchRequest, CellRequest, EmbedRequest, SparseCells
 from scimilarity_lora.serving.settings import SETTINGS
@@ -206,3 +207,4 @@ class SCimilarityLoRA:
 
 SCimilarityLoRA.add_asgi_middleware(RequestGuard, max_bytes=SETTINGS.max_body_bytes, timeout_s=SETTINGS.body_timeout_s)
 SCimilarityLoRA.add_asgi_middleware(ShortErrors)
+SCimilarityLoRA.add_asgi_middleware(CompleteOpenAPI, model_tag=SETTINGS.model_tag)
