@@ -11,7 +11,8 @@ import scimilarity_lora.data.anndata as anndata_module
 from scimilarity_lora.training.run import run
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in (REPO / "conf").iterdir() if p.is_dir()}
-OPTIONS = [(g, o) for g, opts in GROUPS.items() if g not in ("hydra", "paths") for o in opts]
+PRETRAIN_ONLY = ("objective",)  # groups of conf/pretrain.yaml alone
+OPTIONS = [(g, o) for g, opts in GROUPS.items() if g not in ("hydra", "paths", *PRETRAIN_ONLY) for o in opts]
 
 
 def test_every_group_the_product_promises_exists():
@@ -136,3 +137,13 @@ def test_tags_reach_metrics_and_every_logger(tmp_path):
     (record,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     assert b"first-try" in record.read_bytes()
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("overrides", [[], ["objective.negative_selection=hardest", "objective.triplet_weight=0.5"],
+                                        ["init_from=/some/model_v1.1"]])
+def test_the_pretraining_config_composes(overrides, tmp_path):
+    from test_pretrain import compose_pretrain
+
+    cfg = compose_pretrain(overrides, tmp_path)
+    assert cfg.objective._target_.endswith("PretrainModule") and cfg.data._target_.endswith("PretrainDataModule")
+    assert cfg.objective.margin == 0.05 and cfg.model.gene_order == "scimilarity"

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 ENCODER_FILE = "encoder.ckpt"
 GENE_ORDER_FILE = "gene_order.tsv"
 LAYER_SIZES_FILE = "layer_sizes.json"
+DECODER_FILE = "decoder.ckpt"
+LABEL_INTS_FILE = "label_ints.csv"
 #: SCimilarity's architecture, used for a stand-in when the config leaves sizes unset
 DEFAULT_LATENT_DIM = 128
 DEFAULT_HIDDEN_DIM = (1024, 1024, 1024)
@@ -133,6 +135,37 @@ def save_model_folder(encoder: Encoder, genes: list[str], path: str | Path) -> P
     (folder / LAYER_SIZES_FILE).write_text(json.dumps({k: list(v.size()) for k, v in state.items()}))
     write_gene_order(genes, folder / GENE_ORDER_FILE)
     return folder
+
+
+def save_pretrained_folder(encoder: Encoder, decoder: torch.nn.Module, genes: list[str], classes: list[str],
+                           path: str | Path, hyperparameters: dict | None = None) -> Path:
+    """What SCimilarity's ``MetricLearning.save_all`` writes: the encoder folder plus ``decoder.ckpt``,
+    ``label_ints.csv`` (label int -> name, pandas' quoted CSV) and ``hyperparameters.json``."""
+    import csv
+
+    folder = save_model_folder(encoder, genes, path)
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in decoder.state_dict().items()}}, folder / DECODER_FILE)
+    with open(folder / LABEL_INTS_FILE, "w", newline="") as f:
+        writer = csv.writer(f, quoting=csv.QUOTE_NONNUMERIC)
+        writer.writerow(["", "0"])
+        for i, name in enumerate(classes):
+            writer.writerow([i, name])
+    if hyperparameters is not None:
+        (folder / "hyperparameters.json").write_text(json.dumps(hyperparameters, indent=2))
+    return folder
+
+
+def load_decoder(folder: str | Path, encoder_config: EncoderConfig, dropout: float = 0.5) -> torch.nn.Module:
+    """The folder's ``decoder.ckpt`` (SCimilarity's pretraining output), loaded safely into our Decoder."""
+    from scimilarity_lora.model.decoder import Decoder
+
+    decoder = Decoder.for_encoder(encoder_config.n_genes, encoder_config.latent_dim, encoder_config.hidden_dim, dropout)
+    state = load_state_dict_file(Path(folder) / DECODER_FILE)
+    try:
+        decoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelFolderError(f"{Path(folder) / DECODER_FILE} does not fit the encoder's architecture: {e}") from e
+    return decoder
 
 
 def state_dict_hash(state: dict[str, torch.Tensor]) -> str:

@@ -1,0 +1,143 @@
+"""The pretraining job: SCimilarity's objective as a Hydra run, a SCimilarity folder out, fine-tunable, continuable."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_REAL_DATA
+from helpers import REPO, compose_train
+from scimilarity_lora.model.folder import load_decoder, load_model_folder
+
+SMALL = ["model.hidden_dim=[64,32]", "model.latent_dim=16", "trainer.enable_progress_bar=false"]
+
+
+def compose_pretrain(overrides, output_dir):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("pretrain", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.name = "test"
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    from scimilarity_lora.training.pretrain_run import run_pretraining
+
+    out = tmp_path_factory.mktemp("pretrain")
+    run_pretraining(compose_pretrain(SMALL + ["trainer.max_epochs=4"], out))
+    return out
+
+
+def test_the_loss_decreases_and_a_scimilarity_folder_is_written(pretrained):
+    metrics = json.loads((pretrained / "metrics.json").read_text())
+    losses = [r["train/loss"] for r in metrics["history"]]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
+    assert metrics["train/n_triplets"] > 0
+    folder = pretrained / "model"
+    assert {p.name for p in folder.iterdir()} >= {"encoder.ckpt", "decoder.ckpt", "gene_order.tsv",
+                                                   "layer_sizes.json", "label_ints.csv", "hyperparameters.json"}
+    encoder, genes = load_model_folder(folder)
+    assert len(genes) == 28231 and encoder.config.hidden_dim == (64, 32) and encoder.config.latent_dim == 16
+    assert metrics["class_terms"]["CD8+ Cytotoxic T"] == "CL:0000625"
+
+
+def test_scimilaritys_own_classes_load_the_folder_with_identical_outputs(pretrained):
+    from test_encoder import real_scimilarity_nn_models
+
+    nn_models = real_scimilarity_nn_models()
+    folder = pretrained / "model"
+    ours, genes = load_model_folder(folder)
+    theirs = nn_models.Encoder(len(genes), latent_dim=16, hidden_dim=[64, 32])
+    theirs.load_state(str(folder / "encoder.ckpt"))
+    dec_theirs = nn_models.Decoder(len(genes), latent_dim=16, hidden_dim=[32, 64])
+    dec_theirs.load_state(str(folder / "decoder.ckpt"))
+    dec_ours = load_decoder(folder, ours.config)
+    x = torch.rand(6, len(genes))
+    with torch.no_grad():
+        z_ours, z_theirs = ours.eval()(x), theirs.eval()(x)
+        assert (z_ours - z_theirs).abs().max() < 1e-5
+        assert (dec_ours.eval()(z_ours) - dec_theirs.eval()(z_theirs)).abs().max() < 1e-5
+    import pandas as pd
+
+    label_ints = pd.read_csv(folder / "label_ints.csv", index_col=0)
+    assert label_ints.iloc[:, 0].tolist()[:2] == ["CD14+ Monocyte", "CD19+ B"]
+
+
+def test_the_folder_fine_tunes_as_model_pretrained_dir(pretrained, tmp_path):
+    from scimilarity_lora.training.run import run
+
+    run(compose_train([f"model.pretrained_dir={pretrained / 'model'}", "trainer.max_epochs=1",
+                       "trainer.enable_progress_bar=false"], tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["base_model"]["is_pretrained"] and metrics["gene_overlap"]["n_overlap"] == 748
+
+
+def test_continue_pretraining_starts_from_the_given_weights(pretrained, tmp_path, monkeypatch):
+    """init_from: the first step's loss equals the source model's loss on the same batch."""
+    from hydra.utils import instantiate
+
+    from scimilarity_lora.model.triplet import negatives_from_relations
+    from scimilarity_lora.training.pretrain_module import PretrainModule
+
+    folder = pretrained / "model"
+    cfg = compose_pretrain(SMALL + [f"init_from={folder}"], tmp_path)
+    datamodule = instantiate(cfg.data)
+    encoder, genes = load_model_folder(folder)
+    datamodule.gene_order = genes
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.val_dataloader()))
+    allowed = negatives_from_relations(datamodule.labels.classes, lambda a, b: False).tolist()
+
+    def module_from(enc_state, dec_state):
+        m = PretrainModule(encoder.config.to_dict(), list(datamodule.labels.classes), allowed,
+                           negative_selection="hardest")
+        m.encoder.load_state_dict(enc_state)
+        m.decoder.load_state_dict(dec_state)
+        return m.eval()
+
+    source = module_from(encoder.state_dict(), load_decoder(folder, encoder.config).state_dict())
+    from scimilarity_lora.training import pretrain_run
+
+    captured = {}
+
+    def grab(self):  # the weights the job starts training from, copied before the first step
+        captured["module"] = module_from(self.encoder.state_dict(), self.decoder.state_dict())
+
+    monkeypatch.setattr(PretrainModule, "on_train_start", grab, raising=False)
+    pretrain_run.run_pretraining(compose_pretrain(SMALL + [f"init_from={folder}", "trainer.max_epochs=1",
+                                                           "trainer.limit_train_batches=1"], tmp_path))
+    with torch.no_grad():
+        a, b = source.losses(batch), captured["module"].losses(batch)
+    assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-7)
+    assert float(a["mse"]) == pytest.approx(float(b["mse"]), abs=1e-7)
+
+
+@pytest.mark.skipif(not (SHARED_REAL_DATA / "mudan_sorted_pbmc.h5ad").is_file(),
+                    reason=f"real PBMC data not at {SHARED_REAL_DATA} (see its README for where to get it)")
+def test_a_real_labelled_and_unlabelled_mix_with_a_holdout(tmp_path):
+    from scimilarity_lora.training.pretrain_run import run_pretraining
+
+    files = (f"[{{path: {SHARED_REAL_DATA / 'mudan_sorted_pbmc.h5ad'}, label_key: cell_type}},"
+             f"{{path: {SHARED_REAL_DATA / 'kang_ifnb_unlabelled.h5ad'}}}]")
+    run_pretraining(compose_pretrain(SMALL + ["trainer.max_epochs=1", f"data.files={files}",
+                                              "data.holdout_file=mudan_sorted_pbmc", "data.label_to_ontology={}",
+                                              "data.batch_size=512"], tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    holdout = __import__("pandas").read_csv(tmp_path / "holdout.csv")
+    assert len(holdout) == metrics["n_cells"]["holdout"] == pytest.approx(0.2 * 2140, abs=10)
+    assert metrics["n_labelled_train"] < metrics["n_cells"]["train"]  # unlabelled Kang cells train too
+    assert {i["sha256"] is not None for i in metrics["inputs"]} == {True}
