@@ -21,9 +21,18 @@ FAST = ["model=tiny", "trainer.max_epochs=2", "trainer.enable_progress_bar=false
 
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
+    return compose_run("train", overrides, output_dir)
+
+
+def compose_pretrain(overrides: list[str], output_dir: Path) -> DictConfig:
+    return compose_run("pretrain", overrides, output_dir)
+
+
+def compose_run(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """A config composed as ``python <config_name>.py`` would, with its run dir set to ``output_dir``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
         cfg.hydra.job.name = "test"

@@ -142,7 +142,7 @@ def test_tags_reach_metrics_and_every_logger(tmp_path):
 @pytest.mark.parametrize("overrides", [[], ["objective.negative_selection=hardest", "objective.triplet_weight=0.5"],
                                         ["init_from=/some/model_v1.1"]])
 def test_the_pretraining_config_composes(overrides, tmp_path):
-    from test_pretrain import compose_pretrain
+    from helpers import compose_pretrain
 
     cfg = compose_pretrain(overrides, tmp_path)
     assert cfg.objective._target_.endswith("PretrainModule") and cfg.data._target_.endswith("PretrainDataModule")

@@ -8,29 +8,10 @@ import pytest
 import torch
 
 from conftest import SHARED_REAL_DATA
-from helpers import REPO, compose_train
+from helpers import compose_pretrain, compose_train
 from scimilarity_lora.model.folder import load_decoder, load_model_folder
 
 SMALL = ["model.hidden_dim=[64,32]", "model.latent_dim=16", "trainer.enable_progress_bar=false"]
-
-
-def compose_pretrain(overrides, output_dir):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("pretrain", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.name = "test"
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        del cfg["hydra"]
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +122,21 @@ def test_a_real_labelled_and_unlabelled_mix_with_a_holdout(tmp_path):
     assert len(holdout) == metrics["n_cells"]["holdout"] == pytest.approx(0.2 * 2140, abs=10)
     assert metrics["n_labelled_train"] < metrics["n_cells"]["train"]  # unlabelled Kang cells train too
     assert {i["sha256"] is not None for i in metrics["inputs"]} == {True}
+
+
+def test_every_batch_holds_positives_of_every_labelled_type():
+    from scimilarity_lora.data.pretrain import ClassBalancedBatchSampler
+
+    labels = np.r_[np.zeros(50), np.ones(5), np.full(3, 2), np.full(100, -1)].astype(int)
+    sampler = ClassBalancedBatchSampler(labels, batch_size=32, per_class=4, seed=0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5
+    for b in batches:
+        assert len(b) == 32 and len(set(b)) == 32
+        counts = np.bincount(labels[b][labels[b] >= 0], minlength=3)
+        assert (counts >= 4).all() or (counts[2] >= 3 and counts[:2].min() >= 4)  # a 3-cell type: all it has
+    assert batches == list(sampler)  # a function of (seed, epoch)
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    with pytest.raises(ValueError, match="cannot hold 4 cells of each of 3"):
+        ClassBalancedBatchSampler(labels, batch_size=8, per_class=4)

@@ -44,8 +44,9 @@ class SourceFile:
 
 
 class ClassBalancedBatchSampler(Sampler[list[int]]):
-    """Batches of ``batch_size`` cells with ``per_class`` cells of every labelled type (drawn again once a type's
-    cells run out) and the rest drawn from all cells, labelled or not; the order is a function of (seed, epoch)."""
+    """Batches of ``batch_size`` distinct cells with ``per_class`` cells of every labelled type (cycling through a
+    type's cells, all of them for a type with fewer) and the rest drawn from all cells, labelled or not; the order is
+    a function of (seed, epoch)."""
 
     def __init__(self, labels: np.ndarray, batch_size: int, per_class: int, seed: int = 0) -> None:
         self.labels, self.batch_size, self.per_class, self.seed = np.asarray(labels), batch_size, per_class, seed
@@ -69,11 +70,10 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         r = 0
         for _ in range(len(self)):
             batch: list[int] = []
-            for c in self.classes:
-                pool = pools[c]
-                take = [pool[(cursor[c] + k) % len(pool)] for k in range(self.per_class)]
-                cursor[c] += self.per_class
-                batch.extend(int(i) for i in take)
+            for c in self.classes:  # per_class cells of each type (all of a type that has fewer), no repeats
+                pool, k = pools[c], min(self.per_class, len(pools[c]))
+                batch.extend(int(pool[(cursor[c] + j) % len(pool)]) for j in range(k))
+                cursor[c] += k
             chosen = set(batch)
             while len(batch) < self.batch_size and len(chosen) < len(self.labels):
                 i = int(rest[r % len(rest)])
