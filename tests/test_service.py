@@ -477,4 +477,5 @@ def test_schemathesis_finds_no_server_errors(served, tmp_path):
     import re
 
     generated = int(re.search(r"(\d+) generated", output).group(1))
+    print(f"schemathesis: {generated} generated")
     assert generated >= 1000 and f"{generated} generated, {generated} passed" in output
