@@ -12,7 +12,8 @@ def main(cfg: DictConfig) -> None:
     from scimilarity_lora.evaluation.evaluate import evaluate_run
 
     evaluate_run(cfg.run_dir, knn_k=cfg.knn_k, target_accuracy=cfg.target_accuracy, baselines=cfg.baselines,
-                 max_baseline_cells=cfg.max_baseline_cells, wandb_project=cfg.wandb_project)
+                 max_baseline_cells=cfg.max_baseline_cells, wandb_project=cfg.wandb_project,
+                 reference=dict(cfg.reference) if cfg.get("reference") else None)
 
 
 if __name__ == "__main__":

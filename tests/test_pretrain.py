@@ -59,12 +59,29 @@ def test_scimilaritys_own_classes_load_the_folder_with_identical_outputs(pretrai
 
 
 def test_the_folder_fine_tunes_as_model_pretrained_dir(pretrained, tmp_path):
+    from omegaconf import OmegaConf
+
     from scimilarity_lora.training.run import run
 
-    run(compose_train([f"model.pretrained_dir={pretrained / 'model'}", "trainer.max_epochs=1",
-                       "trainer.enable_progress_bar=false"], tmp_path))
+    cfg = compose_train([f"model.pretrained_dir={pretrained / 'model'}", "trainer.max_epochs=1",
+                         "trainer.enable_progress_bar=false"], tmp_path)
+    run(cfg)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # what `python train.py` leaves in its run dir
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["base_model"]["is_pretrained"] and metrics["gene_overlap"]["n_overlap"] == 748
+
+    # forgetting on reference cells, with the base's own (frozen) decoder
+    from scimilarity_lora.evaluation.evaluate import evaluate_run
+
+    report = evaluate_run(tmp_path, baselines=False, reference={"path": "pbmc68k_reduced", "label_key": "bulk_labels",
+                                                                "layer": "raw", "input_is_log1p": True})
+    ref = report["forgetting"]["reference"]
+    assert ref["n_cells"] == 700 and ref["k"] == 15 and 0 < ref["base"]["knn_accuracy"] <= 1
+    assert ref["retained_accuracy"] == pytest.approx(ref["adapted"]["knn_accuracy"] / ref["base"]["knn_accuracy"],
+                                                     abs=1e-3)
+    assert ref["reconstruction_mse"]["base"] > 0 and ref["reconstruction_mse"]["adapted"] > 0
+    assert -1 <= ref["mean_cosine"] < 1
 
 
 def test_continue_pretraining_starts_from_the_given_weights(pretrained, tmp_path, monkeypatch):

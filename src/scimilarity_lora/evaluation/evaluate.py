@@ -41,7 +41,8 @@ from scimilarity_lora.inference.artifact import ModelSpec
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.inference.runs import METRICS_FILE, MODEL_DIR, STAND_IN_BASE_DIR
 from scimilarity_lora.model.encoder import Encoder
-from scimilarity_lora.model.folder import load_model_folder, state_dict_hash
+from scimilarity_lora.evaluation.reference import reference_forgetting
+from scimilarity_lora.model.folder import DECODER_FILE, load_decoder, load_model_folder, state_dict_hash
 from scimilarity_lora.model.probe import C_GRID
 from scimilarity_lora.model.sparse import SparseBatch
 
@@ -119,6 +120,15 @@ def base_encoder(run_dir: Path, spec: ModelSpec) -> Encoder:
     return encoder
 
 
+def _base_decoder(run_dir: Path, spec: ModelSpec, base: Encoder) -> torch.nn.Module | None:
+    """SCimilarity's decoder from the base's folder, if it has one (pretrained bases do; stand-ins do not)."""
+    path = spec.base.get("path")
+    folder = Path(path) if path else run_dir / STAND_IN_BASE_DIR
+    if not (folder / DECODER_FILE).is_file():
+        return None
+    return load_decoder(folder, base.config).eval()
+
+
 def _logistic_regression(train_x: np.ndarray | sp.csr_matrix, train_y: np.ndarray, val_x: np.ndarray | sp.csr_matrix,
                          val_y: np.ndarray, test_x: np.ndarray | sp.csr_matrix, seed: int) -> tuple[np.ndarray, float]:
     """Standardised features + class-balanced logistic regression, C chosen on validation by balanced
@@ -143,7 +153,10 @@ def _logistic_regression(train_x: np.ndarray | sp.csr_matrix, train_y: np.ndarra
 
 
 def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 0.9, baselines: bool = True,
-                 max_baseline_cells: int = 50_000, wandb_project: str | None = None) -> dict[str, Any]:
+                 max_baseline_cells: int = 50_000, wandb_project: str | None = None,
+                 reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``reference``: ``{"path", "label_key", "layer", "input_is_log1p"}`` of a labelled .h5ad on which to measure
+    forgetting (see :mod:`.reference`)."""
     run_dir = Path(run_dir)
     if not (run_dir / ".hydra" / "config.yaml").is_file() or not (run_dir / MODEL_DIR).is_dir():
         raise EvaluationError(f"{run_dir} is not a finished training run (needs .hydra/config.yaml and model/)")
@@ -182,6 +195,13 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
                               "test_coverage": round(kept["coverage"], 4), "test_accuracy": round(kept["accuracy"], 4)},
         "coverage_accuracy": coverage_accuracy(probs_test_cal, test.y, [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95]),
     }
+
+    if reference and reference.get("path"):
+        decoder = _base_decoder(run_dir, predictor.spec, base)
+        report["forgetting"]["reference"] = reference_forgetting(
+            predictor, base, reference["path"], reference.get("label_key") or "cell_type",
+            layer=reference.get("layer", "X"), input_is_log1p=bool(reference.get("input_is_log1p", False)),
+            k=knn_k, decoder=decoder, seed=int(cfg.seed))
 
     if baselines:
         train = run_split(datamodule, "train", predictor, base, max_cells=max_baseline_cells, keep_genes=True,
