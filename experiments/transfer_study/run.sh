@@ -16,3 +16,4 @@ for run in "$S"/lora/*/ "$S"/other/*/; do
   python evaluate.py run_dir="$run" reference.path=$REAL/mudan_sorted_pbmc.h5ad reference.label_key=cell_type > /dev/null 2>&1
 done
 python experiments/transfer_study/measure.py "$S" --real "$REAL" --out experiments/transfer_study
+python experiments/transfer_study/plot.py experiments/transfer_study/runs.csv
