@@ -1,5 +1,7 @@
 """A crash in the middle of writing a checkpoint leaves the previous one intact and loadable."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,3 +38,39 @@ def test_lightning_trainer_uses_it(tmp_path):
     cfg = compose_train(FAST, tmp_path)
     trainer = instantiate(cfg.trainer)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_lora_checkpoints_hold_the_adapter_not_the_base(tmp_path):
+    """With a frozen base a checkpoint is adapter-sized; it reloads (resume, export) with the recorded base, and
+    refuses a base whose weights changed."""
+    import json
+
+    import torch
+    from helpers import compose_train
+
+    from scimilarity_lora.model.folder import ModelFolderError, load_model_folder, save_model_folder
+    from scimilarity_lora.training.checkpoint_io import classifier_from_checkpoint
+    from scimilarity_lora.training.run import run
+
+    sizes = {}
+    for mode in ("lora", "full"):
+        out = tmp_path / mode
+        run(compose_train(["model=tiny", "model.gene_order=scimilarity", "trainer.max_epochs=1",
+                           "trainer.enable_progress_bar=false", f"finetune={mode}"], out))
+        best = json.loads((out / "metrics.json").read_text())["best_checkpoint"]
+        sizes[mode] = Path(best).stat().st_size
+        ckpt = torch.load(best, map_location="cpu", weights_only=True)
+        base_keys = [k for k in ckpt["state_dict"] if k.startswith("model.encoder.") and "lora_" not in k]
+        assert (base_keys == []) == (mode == "lora") and ("base_sha256" in ckpt) == (mode == "lora")
+    assert sizes["lora"] < 0.5 * sizes["full"], sizes
+
+    lora = tmp_path / "lora"
+    best = json.loads((lora / "metrics.json").read_text())["best_checkpoint"]
+    module = classifier_from_checkpoint(best)  # the base comes back from <run>/base
+    assert module.encoder.base_model.model.network[0][1].base_layer.weight.abs().sum() > 0
+    encoder, genes = load_model_folder(lora / "base")
+    with torch.no_grad():
+        encoder.network[0][1].weight[0, 0] += 1.0
+    save_model_folder(encoder, genes, lora / "base")
+    with pytest.raises(ModelFolderError, match="not the same base"):
+        classifier_from_checkpoint(best)

@@ -63,11 +63,33 @@ def classifier_from_checkpoint(path: str | Path) -> "CellTypeClassifier":
         raise ModelFolderError(f"{path} is not a scimilarity-lora Lightning checkpoint")
     hp = dict(ckpt["hyper_parameters"])
     hp.pop("base_state_dict", None)
+    if "base_sha256" in ckpt:  # adapter-sized: the frozen base is reloaded from where training recorded it
+        hp["base_state_dict"] = _recorded_base(Path(path), hp.get("base") or {}, ckpt["base_sha256"])
     try:
         model = CellTypeClassifier(**hp)
     except TypeError as e:
         raise ModelFolderError(f"{path} was written by another version of scimilarity-lora: {e}") from e
+    if "base_sha256" in ckpt:
+        model.on_load_checkpoint(ckpt)
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise ModelFolderError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+def _recorded_base(ckpt_path: Path, base: dict, sha256: str) -> dict:
+    """The base encoder's weights for an adapter-sized checkpoint: a pretrained folder's path, or the stand-in the
+    run saved beside its checkpoints (``<run dir>/base``); refused if its weights are not the recorded ones."""
+    from scimilarity_lora.inference.runs import STAND_IN_BASE_DIR
+    from scimilarity_lora.model.folder import load_model_folder, state_dict_hash
+
+    folder = Path(base["path"]) if base.get("path") else ckpt_path.parent.parent / STAND_IN_BASE_DIR
+    if not folder.is_dir():
+        raise ModelFolderError(f"{ckpt_path} holds only the adapter; its base was at {folder}, which is gone")
+    encoder, _ = load_model_folder(folder)
+    state = encoder.state_dict()
+    found = state_dict_hash(state)
+    if found != sha256:
+        raise ModelFolderError(f"the base at {folder} has weights sha256 {found[:16]}..., but {ckpt_path} was "
+                               f"trained on {sha256[:16]}...: not the same base")
+    return state

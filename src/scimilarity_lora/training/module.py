@@ -35,7 +35,7 @@ from scimilarity_lora.model.adapters import (
 )
 from scimilarity_lora.model.classifier import CellClassifier, ClassifierHead
 from scimilarity_lora.model.encoder import Encoder, EncoderConfig
-from scimilarity_lora.model.folder import load_encoder_weights
+from scimilarity_lora.model.folder import ModelFolderError, load_encoder_weights
 from scimilarity_lora.model.probe import fit_linear_probe
 from scimilarity_lora.preprocess import Preprocessing
 
@@ -122,6 +122,36 @@ class CellTypeClassifier(L.LightningModule):
             log.info("lora.unseen_genes=freeze: input-layer LoRA kept off %d of %d genes absent from the training data",
                      frozen, self.seen_genes.numel())
         return frozen
+
+    # -- adapter-sized checkpoints ---------------------------------------------------------------------------
+    def stores_base(self) -> bool:
+        """Full fine-tuning changes every weight: its checkpoints hold them all. With a frozen base (``lora``,
+        ``frozen``) they hold only what trains (adapter, head) plus the base's identity."""
+        return not base_is_frozen(self.finetune)
+
+    def base_keys(self) -> list[str]:
+        """State-dict keys of the frozen base: the encoder's, except LoRA's own tensors."""
+        return [k for k in self.state_dict() if k.startswith("model.encoder.") and "lora_" not in k]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.stores_base():
+            return
+        state = checkpoint["state_dict"]
+        for key in self.base_keys():
+            state.pop(key, None)
+        checkpoint["base_sha256"] = (self.hparams.get("base") or {}).get("sha256")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming an adapter-sized checkpoint: the base comes from this module, which must be the same base."""
+        if "base_sha256" not in checkpoint:
+            return
+        ours = (self.hparams.get("base") or {}).get("sha256")
+        if checkpoint["base_sha256"] != ours:
+            raise ModelFolderError(f"the checkpoint was trained on a base with weights sha256 "
+                                   f"{str(checkpoint['base_sha256'])[:16]}..., but this run's base has "
+                                   f"{str(ours)[:16]}...: not the same base")
+        current = self.state_dict()
+        checkpoint["state_dict"] = {**{k: current[k] for k in self.base_keys()}, **checkpoint["state_dict"]}
 
     def spec(self) -> ModelSpec:
         """What the model directory records besides weights (see :mod:`scimilarity_lora.inference.artifact`)."""
