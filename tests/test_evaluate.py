@@ -84,7 +84,9 @@ def test_evaluate_refuses_a_base_whose_weights_changed(sweep, tmp_path):
     with torch.no_grad():
         encoder.network[0][1].weight[0, 0] += 1e-3
     save_model_folder(encoder, genes, run / "base")
-    with pytest.raises(EvaluationError, match="not the same base"):
+    from scimilarity_lora.model.folder import ModelFolderError
+
+    with pytest.raises(ModelFolderError, match="sha256 .* not the same base"):
         evaluate_run(run, baselines=False)
 
 

@@ -18,7 +18,8 @@ import yaml
 
 from scimilarity_lora.data.io import read_anndata
 from scimilarity_lora.inference.predictor import CellTypePredictor
-from scimilarity_lora.model.folder import load_decoder, load_model_folder
+from scimilarity_lora.inference.runs import base_folder, load_recorded_base
+from scimilarity_lora.model.folder import load_decoder
 from scimilarity_lora.model.sparse import SparseBatch
 
 UNLABELLED = ["kang_ifnb_unlabelled", "mudan_pbmcA_unlabelled", "pbmc_3chem_unlabelled"]
@@ -28,8 +29,8 @@ UNLABELLED = ["kang_ifnb_unlabelled", "mudan_pbmcA_unlabelled", "pbmc_3chem_unla
 def drift(run: Path, real: Path, max_cells: int = 1000) -> dict[str, float]:
     """Cosine(base, adapted) and frozen-decoder MSE (adapted / base) on unlabelled real cells."""
     predictor = CellTypePredictor.load(run / "model")
-    folder = Path(predictor.spec.base["path"])
-    base, _ = load_model_folder(folder)
+    folder = base_folder(run, predictor.spec.base)
+    base = load_recorded_base(run, predictor.spec.base)
     decoder = load_decoder(folder, base.config).eval()
     base.eval()
     cos, ratio = [], []

@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, Sampler
 
 from scimilarity_lora.data.anndata import CellBatchDataset, collate_batch
 from scimilarity_lora.data.io import DataError, expression_matrix, gene_names, read_anndata, validate_matrix
-from scimilarity_lora.data.resumable import ResumableDataLoader
 from scimilarity_lora.genes import align_genes, symbol_aliases
 from scimilarity_lora.labels import LabelEncoder
 from scimilarity_lora.preprocess import Preprocessing
@@ -208,5 +207,5 @@ class PretrainDataModule(L.LightningDataModule):
                           collate_fn=collate_batch, generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(self.datasets["val"], batch_size=self.batch_size, shuffle=False,
-                                   num_workers=self.num_workers, collate_fn=collate_batch)
+        return DataLoader(self.datasets["val"], batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=collate_batch)

@@ -39,10 +39,10 @@ from scimilarity_lora.evaluation.plots import plot_confusion_matrix, plot_embedd
 from scimilarity_lora.evaluation.report import render_markdown
 from scimilarity_lora.inference.artifact import ModelSpec
 from scimilarity_lora.inference.predictor import CellTypePredictor
-from scimilarity_lora.inference.runs import METRICS_FILE, MODEL_DIR, STAND_IN_BASE_DIR
+from scimilarity_lora.inference.runs import METRICS_FILE, MODEL_DIR, base_folder, load_recorded_base
 from scimilarity_lora.model.encoder import Encoder
 from scimilarity_lora.evaluation.reference import reference_forgetting
-from scimilarity_lora.model.folder import DECODER_FILE, load_decoder, load_model_folder, state_dict_hash
+from scimilarity_lora.model.folder import DECODER_FILE, load_decoder
 from scimilarity_lora.model.probe import C_GRID
 from scimilarity_lora.model.sparse import SparseBatch
 
@@ -105,25 +105,13 @@ def run_split(datamodule: Any, split: str, predictor: CellTypePredictor, base: E
 
 
 def base_encoder(run_dir: Path, spec: ModelSpec) -> Encoder:
-    """The encoder fine-tuning started from, as training recorded it; refuses one whose weights differ."""
-    path = spec.base.get("path")
-    folder = Path(path) if path else run_dir / STAND_IN_BASE_DIR
-    encoder, genes = load_model_folder(folder)
-    if list(genes) != list(spec.genes):
-        raise EvaluationError(f"the base encoder at {folder} has another gene order than the trained model")
-    expected = spec.base.get("sha256")
-    if expected:
-        found = state_dict_hash(encoder.state_dict())
-        if found != expected:
-            raise EvaluationError(f"the base encoder at {folder} has weights sha256 {found[:16]}..., but the model "
-                                  f"was fine-tuned from {expected[:16]}...: not the same base")
-    return encoder
+    """The encoder fine-tuning started from, as training recorded it (see :func:`~.inference.runs.load_recorded_base`)."""
+    return load_recorded_base(run_dir, spec.base, spec.genes)
 
 
 def _base_decoder(run_dir: Path, spec: ModelSpec, base: Encoder) -> torch.nn.Module | None:
     """SCimilarity's decoder from the base's folder, if it has one (pretrained bases do; stand-ins do not)."""
-    path = spec.base.get("path")
-    folder = Path(path) if path else run_dir / STAND_IN_BASE_DIR
+    folder = base_folder(run_dir, spec.base)
     if not (folder / DECODER_FILE).is_file():
         return None
     return load_decoder(folder, base.config).eval()

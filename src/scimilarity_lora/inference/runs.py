@@ -13,6 +13,10 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Sequence
+
+from scimilarity_lora.model.encoder import Encoder
+from scimilarity_lora.model.folder import ModelFolderError, load_model_folder, state_dict_hash
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +44,27 @@ def best_run(multirun_dir: Path, metric: str = SELECT_METRIC) -> Path:
     value, run = max(scores, key=lambda s: s[0])
     log.info("best of %d runs by %s: %s (%.4f)", len(scores), metric, run, value)
     return run
+
+
+def base_folder(run_dir: str | Path, base: dict) -> Path:
+    """Where a run's base encoder lives: the pretrained folder training recorded, or the stand-in the run saved."""
+    return Path(base["path"]) if base.get("path") else Path(run_dir) / STAND_IN_BASE_DIR
+
+
+def load_recorded_base(run_dir: str | Path, base: dict, genes: Sequence[str] | None = None) -> Encoder:
+    """The encoder a run fine-tuned from, as training recorded it (``base``: path and sha256 of its weights).
+    The one place evaluation, export and checkpoint reloading get it; refuses a folder that is gone, has another
+    gene order, or whose weights differ from the recorded ones (naming both hashes)."""
+    folder = base_folder(run_dir, base)
+    if not folder.is_dir():
+        raise ModelFolderError(f"the base encoder of {run_dir} was at {folder}, which is gone")
+    encoder, folder_genes = load_model_folder(folder)
+    if genes is not None and list(folder_genes) != list(genes):
+        raise ModelFolderError(f"the base encoder at {folder} has another gene order than the trained model")
+    expected = base.get("sha256")
+    if expected:
+        found = state_dict_hash(encoder.state_dict())
+        if found != expected:
+            raise ModelFolderError(f"the base encoder at {folder} has weights sha256 {found[:16]}..., but the model "
+                                   f"was fine-tuned from {expected[:16]}...: not the same base")
+    return encoder

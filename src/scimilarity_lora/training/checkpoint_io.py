@@ -78,18 +78,7 @@ def classifier_from_checkpoint(path: str | Path) -> "CellTypeClassifier":
 
 
 def _recorded_base(ckpt_path: Path, base: dict, sha256: str) -> dict:
-    """The base encoder's weights for an adapter-sized checkpoint: a pretrained folder's path, or the stand-in the
-    run saved beside its checkpoints (``<run dir>/base``); refused if its weights are not the recorded ones."""
-    from scimilarity_lora.inference.runs import STAND_IN_BASE_DIR
-    from scimilarity_lora.model.folder import load_model_folder, state_dict_hash
+    """The frozen base's weights for an adapter-sized checkpoint (checkpoints live in ``<run dir>/checkpoints``)."""
+    from scimilarity_lora.inference.runs import load_recorded_base
 
-    folder = Path(base["path"]) if base.get("path") else ckpt_path.parent.parent / STAND_IN_BASE_DIR
-    if not folder.is_dir():
-        raise ModelFolderError(f"{ckpt_path} holds only the adapter; its base was at {folder}, which is gone")
-    encoder, _ = load_model_folder(folder)
-    state = encoder.state_dict()
-    found = state_dict_hash(state)
-    if found != sha256:
-        raise ModelFolderError(f"the base at {folder} has weights sha256 {found[:16]}..., but {ckpt_path} was "
-                               f"trained on {sha256[:16]}...: not the same base")
-    return state
+    return load_recorded_base(ckpt_path.parent.parent, {**base, "sha256": sha256}).state_dict()
