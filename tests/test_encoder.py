@@ -141,3 +141,45 @@ def test_pickle_carrying_code_is_not_executed(tmp_path, monkeypatch):
     with pytest.raises(ModelFolderError, match="refused"):
         load_model_folder(folder)
     assert not marker.exists()
+
+
+def test_the_packaged_demo_base_is_pretrained_small_and_has_its_provenance():
+    from scimilarity_lora.genes import scimilarity_gene_order
+    from scimilarity_lora.model.folder import packaged_bases, resolve_model_dir, state_dict_hash
+
+    assert "pbmc_demo" in packaged_bases()
+    folder = resolve_model_dir("packaged:pbmc_demo")
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 15e6
+    base = load_base(pretrained_dir="packaged:pbmc_demo")
+    assert base.is_pretrained and base.source == "packaged:pbmc_demo"
+    assert (base.encoder.config.latent_dim, base.encoder.config.hidden_dim) == (128, (1024, 1024, 1024))
+    order = scimilarity_gene_order()
+    assert len(base.genes) == 748 and set(base.genes) <= set(order)  # a subset of SCimilarity's vocabulary
+    provenance = json.loads((folder / "provenance.json").read_text())
+    assert provenance["weights_sha256"] == state_dict_hash(base.encoder.state_dict())
+    assert provenance["command"].startswith("python pretrain.py ")
+    assert all(len(f["sha256"]) == 64 for f in provenance["inputs"])
+    retention = provenance["retention"]
+    assert retention["pretrained"]["knn_accuracy"] > retention["random (same architecture)"]["knn_accuracy"]
+
+
+def test_an_unknown_packaged_base_names_the_shipped_ones():
+    with pytest.raises(ModelFolderError, match="pbmc_demo"):
+        load_base(pretrained_dir="packaged:nope")
+
+
+def test_a_safetensors_folder_loads_like_the_ckpt_one(tmp_path):
+    torch.manual_seed(0)
+    enc = Encoder(50, latent_dim=8, hidden_dim=(16, 16))
+    genes = [f"G{i}" for i in range(50)]
+    save_model_folder(enc, genes, tmp_path / "ckpt")
+    save_model_folder(enc, genes, tmp_path / "st", safetensors=True)
+    assert not (tmp_path / "st" / "encoder.ckpt").exists()
+    x = torch.rand(4, 50)
+    a, _ = load_model_folder(tmp_path / "ckpt")
+    b, genes_b = load_model_folder(tmp_path / "st")
+    assert genes_b == genes
+    assert torch.equal(a.eval()(x), b.eval()(x))
+    (tmp_path / "st" / "encoder.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ModelFolderError, match="corrupt or truncated"):
+        load_model_folder(tmp_path / "st")

@@ -14,6 +14,7 @@ from scimilarity_lora.data.anndata import DataError
 from scimilarity_lora.labels import LabelError
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.training.run import run
+from scimilarity_lora.model.folder import resolve_model_dir
 
 REQUIRED = {"test/accuracy", "test/macro_f1", "test/per_class_f1", "val/macro_f1", "trainable_params",
             "total_params", "train_seconds", "cells_per_second", "gene_overlap"}
@@ -121,8 +122,21 @@ def test_cli_overrides_the_issue_lists(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["finetune"]["r"] == 4 and metrics["epochs_trained"] == 1
-    assert "BASE MODEL IS NOT SCIMILARITY" in res.stderr + res.stdout
+    # the default fine-tunes the pretrained base shipped in the package, recorded by name and weights
+    provenance = json.loads((resolve_model_dir("packaged:pbmc_demo") / "provenance.json").read_text())
+    assert metrics["base_model"] == {"is_pretrained": True, "source": "packaged:pbmc_demo",
+                                     "path": "packaged:pbmc_demo", "sha256": provenance["weights_sha256"]}
+    assert "BASE MODEL IS NOT SCIMILARITY" not in res.stderr + res.stdout
+    assert not (tmp_path / "base").exists()  # nothing to copy: the package holds the base
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+def test_the_random_stand_in_keeps_its_explicit_name_and_warning(tmp_path):
+    res = run_train_cli(["model=random", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "BASE MODEL IS NOT SCIMILARITY" in res.stderr + res.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["base_model"]["is_pretrained"] is False and (tmp_path / "base").is_dir()
 
 
 @pytest.mark.slow

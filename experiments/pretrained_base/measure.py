@@ -3,6 +3,7 @@
 random base of the same architecture as the control.
 
     python experiments/pretrained_base/measure.py outputs/pretrained_base_real --real ../shared/data/real
+    python experiments/pretrained_base/measure.py outputs/pretrained_base_demo --out experiments/pretrained_base/demo_results.json
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run")
     p.add_argument("--real", default="../shared/data/real")
-    p.add_argument("--out", default="experiments/pretrained_base")
+    p.add_argument("--out", default="experiments/pretrained_base/results.json")
     args = p.parse_args()
     run = Path(args.run)
     sorted_cells = read_anndata(str(Path(args.real) / "mudan_sorted_pbmc.h5ad"))
@@ -60,15 +61,17 @@ def main() -> None:
         pred = knn_transfer(z[~is_query], y[~is_query], z[is_query])
         r = classification_report(y[is_query], pred, labels.classes)
         rows[name] = {"knn_accuracy": round(r["accuracy"], 4), "knn_macro_f1": round(r["macro_f1"], 4)}
-    metrics = json.loads((run / "metrics.json").read_text())
     result = {"run": str(run), "n_reference": int((~is_query).sum()), "n_query": int(is_query.sum()), "k": 15,
-              "retention": rows, "pretraining": {
-                  "epochs": metrics["epochs_trained"], "train_seconds": metrics["train_seconds"],
-                  "losses": [{k: round(v, 5) for k, v in r.items() if k.startswith(("train/loss", "val/loss",
-                                                                                   "train/triplet", "train/mse"))}
-                             for r in metrics["history"]],
-                  "inputs": metrics["inputs"], "n_cells": metrics["n_cells"]}}
-    Path(args.out, "results.json").write_text(json.dumps(result, indent=2) + "\n")
+              "retention": rows}
+    if (run / "metrics.json").is_file():  # our pretraining's record (SCimilarity's own runs have none)
+        metrics = json.loads((run / "metrics.json").read_text())
+        result["pretraining"] = {
+            "epochs": metrics["epochs_trained"], "train_seconds": metrics["train_seconds"],
+            "losses": [{k: round(v, 5) for k, v in r.items() if k.startswith(("train/loss", "val/loss",
+                                                                             "train/triplet", "train/mse"))}
+                       for r in metrics["history"]],
+            "inputs": metrics["inputs"], "n_cells": metrics["n_cells"]}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["retention"], indent=2))
 
 

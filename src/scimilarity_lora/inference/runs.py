@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from scimilarity_lora.model.encoder import Encoder
-from scimilarity_lora.model.folder import ModelFolderError, load_model_folder, state_dict_hash
+from scimilarity_lora.model.folder import ModelFolderError, load_model_folder, resolve_model_dir, state_dict_hash
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def best_run(multirun_dir: Path, metric: str = SELECT_METRIC) -> Path:
 
 def base_folder(run_dir: str | Path, base: dict) -> Path:
     """Where a run's base encoder lives: the pretrained folder training recorded, or the stand-in the run saved."""
-    return Path(base["path"]) if base.get("path") else Path(run_dir) / STAND_IN_BASE_DIR
+    return resolve_model_dir(base["path"]) if base.get("path") else Path(run_dir) / STAND_IN_BASE_DIR
 
 
 def load_recorded_base(run_dir: str | Path, base: dict, genes: Sequence[str] | None = None) -> Encoder:

@@ -3,6 +3,10 @@
 A model folder holds ``encoder.ckpt`` (``{"state_dict": ...}``, written by ``torch.save``), ``gene_order.tsv``
 and ``layer_sizes.json`` (the shape of every state-dict entry); SCimilarity's pretraining adds ``decoder.ckpt``
 and ``label_ints.csv``. Checkpoints are read with ``torch.load(weights_only=True)``, which refuses pickled code.
+A folder may hold ``encoder.safetensors`` instead of ``encoder.ckpt`` (the bases shipped in the package do).
+
+``packaged:<name>`` names a base shipped inside the package (``resources/bases/<name>``, with its provenance);
+runs record that name rather than a path, so they reload on any machine with the package installed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from scimilarity_lora.model.encoder import Encoder, EncoderConfig
 log = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.ckpt"
+ENCODER_SAFETENSORS_FILE = "encoder.safetensors"
 GENE_ORDER_FILE = "gene_order.tsv"
 LAYER_SIZES_FILE = "layer_sizes.json"
 DECODER_FILE = "decoder.ckpt"
@@ -31,6 +36,8 @@ LABEL_INTS_FILE = "label_ints.csv"
 #: SCimilarity's architecture, used for a stand-in when the config leaves sizes unset
 DEFAULT_LATENT_DIM = 128
 DEFAULT_HIDDEN_DIM = (1024, 1024, 1024)
+#: ``model.pretrained_dir`` prefix naming a base shipped in the package
+PACKAGED_PREFIX = "packaged:"
 
 
 class ModelFolderError(ValueError):
@@ -53,10 +60,40 @@ def config_from_layer_sizes(layer_sizes: dict[str, list[int]], n_genes: int) -> 
     )
 
 
+def packaged_bases() -> list[str]:
+    """Names of the pretrained bases shipped in the package (``packaged:<name>``)."""
+    from importlib import resources
+
+    root = Path(str(resources.files("scimilarity_lora") / "resources" / "bases"))
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def resolve_model_dir(spec: str | Path) -> Path:
+    """A model folder path, or ``packaged:<name>`` for a base shipped in the package."""
+    text = str(spec)
+    if not text.startswith(PACKAGED_PREFIX):
+        return Path(spec)
+    from importlib import resources
+
+    name = text[len(PACKAGED_PREFIX):]
+    if name not in packaged_bases():
+        raise ModelFolderError(f"no packaged base named {name!r}; the package ships: {packaged_bases()}")
+    return Path(str(resources.files("scimilarity_lora") / "resources" / "bases" / name))
+
+
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Load a ``torch.save``d checkpoint safely; unwrap SCimilarity's ``{"state_dict": ...}``."""
+    """Load a ``torch.save``d checkpoint (or a ``.safetensors`` file) safely; unwrap SCimilarity's
+    ``{"state_dict": ...}``."""
     if not path.is_file():
         raise ModelFolderError(f"missing file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFolderError(f"{path} is corrupt or truncated: {e}") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -77,10 +114,13 @@ def load_model_folder(path: str | Path, dropout: float = 0.5,
     """Load a SCimilarity model folder (e.g. the downloaded ``model_v1.1``): encoder with weights + gene order.
 
     Sizes come from the folder; dropout rates are training choices the folder does not record, so they are given."""
-    folder = Path(path)
+    folder = resolve_model_dir(path)
     if not folder.is_dir():
         raise ModelFolderError(f"SCimilarity model folder not found: {folder}")
-    for name in (ENCODER_FILE, GENE_ORDER_FILE, LAYER_SIZES_FILE):
+    encoder_file = folder / ENCODER_FILE
+    if not encoder_file.is_file() and (folder / ENCODER_SAFETENSORS_FILE).is_file():
+        encoder_file = folder / ENCODER_SAFETENSORS_FILE
+    for name in (encoder_file.name, GENE_ORDER_FILE, LAYER_SIZES_FILE):
         if not (folder / name).is_file():
             raise ModelFolderError(f"SCimilarity model folder {folder} is missing {name}")
     genes = read_gene_order(folder / GENE_ORDER_FILE)
@@ -97,8 +137,8 @@ def load_model_folder(path: str | Path, dropout: float = 0.5,
         )
     encoder = Encoder.from_config(EncoderConfig(config.n_genes, config.latent_dim, config.hidden_dim, dropout,
                                                 input_dropout))
-    state = load_state_dict_file(folder / ENCODER_FILE)
-    load_encoder_weights(encoder, state, source=str(folder / ENCODER_FILE))
+    state = load_state_dict_file(encoder_file)
+    load_encoder_weights(encoder, state, source=str(encoder_file))
     log.info(
         "loaded SCimilarity encoder from %s: %d genes, hidden %s, latent %d",
         folder, config.n_genes, list(config.hidden_dim), config.latent_dim,
@@ -124,14 +164,21 @@ def load_encoder_weights(encoder: Encoder, state: dict[str, torch.Tensor], sourc
     encoder.load_state_dict(state)
 
 
-def save_model_folder(encoder: Encoder, genes: list[str], path: str | Path) -> Path:
-    """Write a folder in SCimilarity's own format (what ``Encoder.save_state`` + ``save_all`` produce)."""
+def save_model_folder(encoder: Encoder, genes: list[str], path: str | Path, safetensors: bool = False) -> Path:
+    """Write a folder in SCimilarity's own format (what ``Encoder.save_state`` + ``save_all`` produce), or with
+    ``encoder.safetensors`` in place of ``encoder.ckpt`` (``safetensors=True``; SCimilarity itself reads only the
+    latter)."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     if len(genes) != encoder.config.n_genes:
         raise ValueError(f"{len(genes)} genes for an encoder with {encoder.config.n_genes} inputs")
-    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    torch.save({"state_dict": state}, folder / ENCODER_FILE)
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file(state, str(folder / ENCODER_SAFETENSORS_FILE))
+    else:
+        torch.save({"state_dict": state}, folder / ENCODER_FILE)
     (folder / LAYER_SIZES_FILE).write_text(json.dumps({k: list(v.size()) for k, v in state.items()}))
     write_gene_order(genes, folder / GENE_ORDER_FILE)
     return folder
@@ -208,7 +255,8 @@ def load_base(
     if pretrained_dir:
         if gene_order:
             raise ModelFolderError(f"model.gene_order={gene_order!r} with model.pretrained_dir={pretrained_dir!r}: "
-                                   "a model folder carries its own gene_order.tsv; unset model.gene_order")
+                                   "a model folder carries its own gene_order.tsv; unset model.gene_order "
+                                   "(or choose a random stand-in over that order: model=random)")
         encoder, genes = load_model_folder(pretrained_dir, dropout, input_dropout)
         _check_sizes(encoder.config, latent_dim, hidden_dim, pretrained_dir)
         return BaseModel(encoder, genes, True, str(pretrained_dir))

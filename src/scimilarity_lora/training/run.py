@@ -25,7 +25,8 @@ from scimilarity_lora.inference.artifact import save_model_dir
 from scimilarity_lora.inference.runs import METRICS_FILE, MODEL_DIR, STAND_IN_BASE_DIR
 from scimilarity_lora.model.adapters import FinetuneConfig, resolve_target_modules
 from scimilarity_lora.model.encoder import EncoderConfig
-from scimilarity_lora.model.folder import DEFAULT_HIDDEN_DIM, BaseModel, save_model_folder, state_dict_hash
+from scimilarity_lora.model.folder import (DEFAULT_HIDDEN_DIM, PACKAGED_PREFIX, BaseModel, save_model_folder,
+                                          state_dict_hash)
 from scimilarity_lora.preprocess import Preprocessing
 from scimilarity_lora.training.callbacks import MetricsHistory, RestoreRNGState, SetDatasetEpoch, TrainingSpeed
 from scimilarity_lora.training.calibrate import fit_calibration
@@ -78,10 +79,16 @@ def build_base(cfg: DictConfig, datamodule: Any) -> BaseModel:
 
 
 def base_identity(base: BaseModel) -> dict[str, Any]:
-    """What identifies the base: its weights' hash, and where to reload it: a pretrained folder's absolute path,
-    or (``path`` null) the stand-in's copy that the run saves as ``<run dir>/base``."""
-    return {"is_pretrained": base.is_pretrained, "source": base.source,
-            "path": str(Path(base.source).resolve()) if base.is_pretrained else None,
+    """What identifies the base: its weights' hash, and where to reload it: a pretrained folder's absolute path
+    (a packaged base keeps its ``packaged:<name>``, valid wherever the package is installed), or (``path`` null)
+    the stand-in's copy that the run saves as ``<run dir>/base``."""
+    if not base.is_pretrained:
+        path = None
+    elif base.source.startswith(PACKAGED_PREFIX):
+        path = base.source
+    else:
+        path = str(Path(base.source).resolve())
+    return {"is_pretrained": base.is_pretrained, "source": base.source, "path": path,
             "sha256": state_dict_hash(base.encoder.state_dict())}
 
 
