@@ -83,6 +83,33 @@ def test_the_folder_fine_tunes_as_model_pretrained_dir(pretrained, tmp_path):
     assert ref["reconstruction_mse"]["base"] > 0 and ref["reconstruction_mse"]["adapted"] > 0
     assert -1 <= ref["mean_cosine"] < 1
 
+    # retention on held-out cells only: kNN transfer from the other cells to those named in a holdout.csv
+    import pandas as pd
+
+    from scimilarity_lora.data.io import DataError, read_anndata
+
+    ids = read_anndata("pbmc68k_reduced").obs_names[::7]
+    pd.DataFrame({"cell_id": ids}).to_csv(tmp_path / "holdout.csv", index=False)
+    held = evaluate_run(tmp_path, baselines=False, reference={
+        "path": "pbmc68k_reduced", "label_key": "bulk_labels", "layer": "raw", "input_is_log1p": True,
+        "query_cells": str(tmp_path / "holdout.csv")})["forgetting"]["reference"]
+    assert held["n_query"] == len(ids) == 100 and held["n_cells"] == 700
+    assert 0 < held["base"]["knn_accuracy"] <= 1 and held["base"] != ref["base"]
+    pd.DataFrame({"barcode": ids}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError, match="no cell_id column"):
+        evaluate_run(tmp_path, baselines=False, reference={"path": "pbmc68k_reduced", "label_key": "bulk_labels",
+                                                           "layer": "raw", "input_is_log1p": True,
+                                                           "query_cells": str(tmp_path / "bad.csv")})
+
+
+def test_knn_transfer_votes_among_reference_cells_only():
+    from scimilarity_lora.evaluation.metrics import knn_transfer
+
+    reference = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    query = np.array([[1.0, 0.05], [0.05, 1.0]])
+    assert knn_transfer(reference, np.array([0, 0, 1, 1]), query, k=2).tolist() == [0, 1]
+    assert knn_transfer(reference, np.array([0, 0, 1, 1]), query, k=99).shape == (2,)  # k capped at the reference
+
 
 def test_continue_pretraining_starts_from_the_given_weights(pretrained, tmp_path, monkeypatch):
     """init_from: the first step's loss equals the source model's loss on the same batch."""

@@ -189,7 +189,7 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
         report["forgetting"]["reference"] = reference_forgetting(
             predictor, base, reference["path"], reference.get("label_key") or "cell_type",
             layer=reference.get("layer", "X"), input_is_log1p=bool(reference.get("input_is_log1p", False)),
-            k=knn_k, decoder=decoder, seed=int(cfg.seed))
+            k=knn_k, decoder=decoder, seed=int(cfg.seed), query_cells=reference.get("query_cells"))
 
     if baselines:
         train = run_split(datamodule, "train", predictor, base, max_cells=max_baseline_cells, keep_genes=True,

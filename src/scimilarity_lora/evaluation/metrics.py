@@ -87,6 +87,16 @@ def knn_labels(emb: np.ndarray, labels: np.ndarray, k: int = 15) -> np.ndarray:
     return counts.argmax(axis=1)
 
 
+def knn_transfer(reference: np.ndarray, reference_labels: np.ndarray, query: np.ndarray, k: int = 15) -> np.ndarray:
+    """Majority label of each query cell's k nearest reference cells (cosine): label transfer to unseen cells."""
+    r = reference / np.linalg.norm(reference, axis=1, keepdims=True).clip(1e-12)
+    q = query / np.linalg.norm(query, axis=1, keepdims=True).clip(1e-12)
+    k = min(k, len(r))
+    nn = np.argpartition(-(q @ r.T), k - 1, axis=1)[:, :k]
+    n_classes = int(reference_labels.max()) + 1
+    return np.apply_along_axis(np.bincount, 1, reference_labels[nn], minlength=n_classes).argmax(axis=1)
+
+
 def knn_agreement(base: np.ndarray, adapted: np.ndarray, labels: np.ndarray, k: int = 15) -> float:
     """Fraction of cells whose kNN-vote label is the same in the base and the adapted embedding space."""
     return float(np.mean(knn_labels(base, labels, k) == knn_labels(adapted, labels, k)))
