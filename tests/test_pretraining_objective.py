@@ -100,3 +100,44 @@ def test_training_on_the_objective_separates_classes():
         opt.step()
         losses.append(float(loss))
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_euclidean_distance_is_scimilarity_041s_triplet_margin_loss():
+    """SCimilarity 0.4.1 mines on squared Euclidean distances of its unit-norm embeddings (TripletSelector.pdist)
+    and takes F.triplet_margin_loss(p=2); objective.distance=euclidean is that, cosine is 1 - cos."""
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(12, 4), dim=1)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    allowed = negatives_from_relations(["a", "b", "c"], lambda a, b: False)
+    from scimilarity_lora.model.triplet import mining_distances
+
+    cos = mining_distances(z, "cosine")
+    assert torch.allclose(mining_distances(z, "euclidean"), 2 * cos, atol=1e-6)  # unit vectors: |a-b|^2 = 2(1-cos)
+    t = mine_triplets(z, labels, allowed, margin=5.0, selection="hardest", distance="euclidean")
+    expected = torch.nn.functional.triplet_margin_loss(z[t.anchor], z[t.positive], z[t.negative], margin=5.0, p=2)
+    assert float(triplet_loss(z, t, 5.0, "euclidean")) == pytest.approx(float(expected), rel=1e-6)
+    d = torch.sqrt(2 * cos.clamp(min=0))
+    by_hand = (d[t.anchor, t.positive] - d[t.anchor, t.negative] + 5.0).clamp(min=0).mean()
+    assert float(triplet_loss(z, t, 5.0, "euclidean")) == pytest.approx(float(by_hand), abs=1e-4)
+    with pytest.raises(ValueError, match="cosine"):
+        mine_triplets(z, labels, allowed, distance="manhattan")
+
+
+def test_the_scimilarity_041_objective_adds_its_l1_penalty(tmp_path):
+    from scimilarity_lora.training.pretrain_module import PretrainModule
+
+    config = {"n_genes": 6, "latent_dim": 3, "hidden_dim": [4], "dropout": 0.0, "input_dropout": 0.0}
+    allowed = [[False, True], [True, False]]
+    torch.manual_seed(0)
+    plain = PretrainModule(config, ["a", "b"], allowed)
+    torch.manual_seed(0)
+    with_l1 = PretrainModule(config, ["a", "b"], allowed, l1=1e-4, distance="euclidean")
+    batch = (torch.rand(8, 6), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    plain.train(), with_l1.train()
+    first = with_l1.encoder.network[0][1]
+    penalty = 1e-4 * (first.weight.abs().sum() + first.bias.abs().sum())  # lr 1.0 outside a Trainer
+    out = with_l1.losses(batch)
+    assert float(out["l1"]) == pytest.approx(float(penalty), rel=1e-6)
+    assert float(out["loss"] - out["l1"]) == pytest.approx(
+        float(mixed_loss(out["triplet"], out["mse"], 0.001)), rel=1e-6)
+    assert "l1" not in plain.losses(batch)

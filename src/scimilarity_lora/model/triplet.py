@@ -7,6 +7,12 @@ never a class that is the anchor's ancestor or descendant in the Cell Ontology (
 "CD8+ T cell"); that relation arrives as a class x class ``allowed_negative`` mask (see
 :func:`negatives_from_relations`). Selection: ``semihard`` (0 < loss < margin), ``hardest`` (largest positive loss)
 or ``random`` (any positive loss). Unlabelled cells (label -1) take part in reconstruction only.
+
+``distance``: ``cosine`` (the default: ``1 - cos`` between L2-normalised embeddings, as SCimilarity's paper
+describes the objective) or ``euclidean``, what SCimilarity 0.4.1's code computes: negatives mined on the
+*squared* Euclidean distance between the encoder's (unit-norm) outputs, ``2 * (1 - cos)``, and the loss
+``F.triplet_margin_loss(p=2)`` on the Euclidean distance ``sqrt(2 * (1 - cos))``. The margin means different
+things under the two, so the same 0.05 gives different objectives.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 SELECTIONS = ("semihard", "hardest", "random")
+DISTANCES = ("cosine", "euclidean")
 
 
 @dataclass
@@ -49,12 +56,23 @@ def cosine_distances(z: torch.Tensor) -> torch.Tensor:
     return 1.0 - z @ z.T
 
 
+def mining_distances(z: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
+    """Pairwise distances negatives are mined on: cosine, or SCimilarity 0.4.1's squared Euclidean (``pdist``)."""
+    if distance == "cosine":
+        return cosine_distances(z)
+    if distance == "euclidean":
+        sq = (z * z).sum(dim=1)
+        return sq.unsqueeze(0) + sq.unsqueeze(1) - 2.0 * z @ z.T
+    raise ValueError(f"triplet distance must be one of {DISTANCES}, got {distance!r}")
+
+
 @torch.no_grad()
 def mine_triplets(z: torch.Tensor, labels: torch.Tensor, allowed_negative: torch.Tensor, margin: float = 0.05,
-                  selection: str = "semihard", generator: torch.Generator | None = None) -> Triplets:
+                  selection: str = "semihard", generator: torch.Generator | None = None,
+                  distance: str = "cosine") -> Triplets:
     if selection not in SELECTIONS:
         raise ValueError(f"negative selection must be one of {SELECTIONS}, got {selection!r}")
-    d = cosine_distances(z.detach().float())
+    d = mining_distances(z.detach().float(), distance)
     labels = labels.to(d.device)
     allowed_negative = allowed_negative.to(d.device)
     labelled = labels >= 0
@@ -91,10 +109,14 @@ def mine_triplets(z: torch.Tensor, labels: torch.Tensor, allowed_negative: torch
     return Triplets(t[:, 0], t[:, 1], t[:, 2], n_hard, n_viable)
 
 
-def triplet_loss(z: torch.Tensor, triplets: Triplets, margin: float = 0.05) -> torch.Tensor:
-    """Mean ``max(0, d(a, p) - d(a, n) + margin)`` over the mined triplets, d the cosine distance (0 if none)."""
+def triplet_loss(z: torch.Tensor, triplets: Triplets, margin: float = 0.05, distance: str = "cosine") -> torch.Tensor:
+    """Mean ``max(0, d(a, p) - d(a, n) + margin)`` over the mined triplets (0 if none); d the cosine distance, or
+    with ``euclidean`` exactly SCimilarity 0.4.1's ``F.triplet_margin_loss(p=2)``."""
     if len(triplets) == 0:
         return z.sum() * 0.0  # keeps the graph (and DDP) intact
+    if distance == "euclidean":
+        return F.triplet_margin_loss(z[triplets.anchor], z[triplets.positive], z[triplets.negative], margin=margin,
+                                     p=2, reduction="none").mean()
     z = F.normalize(z, dim=1)
     d_ap = 1.0 - (z[triplets.anchor] * z[triplets.positive]).sum(dim=1)
     d_an = 1.0 - (z[triplets.anchor] * z[triplets.negative]).sum(dim=1)

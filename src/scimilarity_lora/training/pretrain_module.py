@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class PretrainModule(L.LightningModule):
     def __init__(self, encoder_config: dict, classes: list[str], allowed_negative: list[list[bool]],
                  margin: float = 0.05, negative_selection: str = "semihard", triplet_weight: float = 0.001,
-                 decoder_dropout: float | None = None,
+                 distance: str = "cosine", l1: float = 0.0, decoder_dropout: float | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: Callable[..., Any] | None = None) -> None:
         super().__init__()
@@ -40,10 +40,24 @@ class PretrainModule(L.LightningModule):
         z = self.encoder(x)
         target = x.to_dense() if isinstance(x, SparseBatch) else x
         mse = F.mse_loss(self.decoder(z), target)
-        triplets = mine_triplets(z, y, self.allowed_negative, self.hparams["margin"], self.hparams["negative_selection"])
-        triplet = triplet_loss(z, triplets, self.hparams["margin"])
-        return {"loss": mixed_loss(triplet, mse, self.hparams["triplet_weight"]), "triplet": triplet, "mse": mse,
-                "n_triplets": torch.tensor(float(len(triplets))), "n_hard": torch.tensor(float(triplets.n_hard))}
+        distance = self.hparams["distance"]
+        triplets = mine_triplets(z, y, self.allowed_negative, self.hparams["margin"], self.hparams["negative_selection"],
+                                 distance=distance)
+        triplet = triplet_loss(z, triplets, self.hparams["margin"], distance)
+        loss = mixed_loss(triplet, mse, self.hparams["triplet_weight"])
+        out = {"loss": loss, "triplet": triplet, "mse": mse,
+               "n_triplets": torch.tensor(float(len(triplets))), "n_hard": torch.tensor(float(triplets.n_hard))}
+        if self.hparams["l1"] and self.training:
+            out["l1"] = self.l1_penalty()
+            out["loss"] = loss + out["l1"]
+        return out
+
+    def l1_penalty(self) -> torch.Tensor:
+        """SCimilarity 0.4.1's L1 penalty on the encoder's first Linear layer (weight and bias), scaled by the
+        current learning rate: ``l1 * sum|W1| * lr``."""
+        first = next(m for m in self.encoder.modules() if isinstance(m, torch.nn.Linear))
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else 1.0
+        return self.hparams["l1"] * sum(p.abs().sum() for p in first.parameters()) * lr
 
     def on_train_epoch_start(self) -> None:
         sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
