@@ -43,10 +43,11 @@ def compose_run(config_name: str, overrides: list[str], output_dir: Path) -> Dic
     return cfg
 
 
-def run_train_cli(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_train_cli(args: list[str], timeout: int = 600, env: dict | None = None,
+                  script: str = "train.py") -> subprocess.CompletedProcess:
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True,
         timeout=timeout, env=full_env,
     )
 

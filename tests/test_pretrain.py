@@ -184,3 +184,69 @@ def test_every_batch_holds_positives_of_every_labelled_type():
     assert list(sampler) != batches
     with pytest.raises(ValueError, match="cannot hold 4 cells of each of 3"):
         ClassBalancedBatchSampler(labels, batch_size=8, per_class=4)
+
+
+def test_the_batch_sampler_shards_ranks_and_resumes_mid_epoch():
+    from scimilarity_lora.data.pretrain import ClassBalancedBatchSampler
+
+    labels = np.repeat([0, 1, 2, -1], [40, 30, 20, 110])
+    single = ClassBalancedBatchSampler(labels, batch_size=32, per_class=4, seed=3, world_size=1, rank=0)
+    ranks = [ClassBalancedBatchSampler(labels, 32, 4, seed=3, world_size=2, rank=r) for r in (0, 1)]
+    for s in (single, *ranks):
+        s.set_epoch(2)
+    assert len(single) == 7 and [len(r) for r in ranks] == [4, 4]  # 7 batches, padded to 8 across 2 ranks
+    by_rank = [list(r) for r in ranks]
+    interleaved = [b for pair in zip(*by_rank) for b in pair]
+    assert interleaved[:7] == list(single)  # the same epoch, dealt out rank by rank
+    for batch in by_rank[0] + by_rank[1]:
+        assert all(sum(labels[i] == c for i in batch) >= 4 for c in (0, 1, 2))  # positives of every type
+    # mid-epoch: a fresh sampler given the saved position hands out the rest of the same epoch
+    it = iter(single)
+    first = [next(it), next(it), next(it)]
+    state = single.state_dict()
+    assert state == {"epoch": 2, "consumed": 3}
+    resumed = ClassBalancedBatchSampler(labels, 32, 4, seed=3, world_size=1, rank=0)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)
+    assert first + list(resumed) == list(single)
+
+
+@pytest.mark.slow
+def test_pretraining_under_ddp_on_cpu_two_processes(tmp_path):
+    from helpers import run_train_cli
+
+    res = run_train_cli(SMALL + ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2",
+                                 "data.batch_size=128", f"hydra.run.dir={tmp_path}"], script="pretrain.py")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "MEMBER: 2/2" in res.stderr + res.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    n_train = metrics["n_cells"]["train"]
+    per_rank = int(np.ceil(int(np.ceil(n_train / 128)) / 2))
+    assert metrics["global_step"] == 2 * per_rank  # each rank took its half of the batches, not all of them
+    assert (tmp_path / "model" / "encoder.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_killed_pretraining_resumes_exactly(tmp_path):
+    import os
+
+    from helpers import REPO, run_train_cli
+
+    args = SMALL + ["trainer.max_epochs=3", "data.batch_size=128", "callbacks.last_checkpoint.every_n_train_steps=4"]
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    assert run_train_cli(args + [f"hydra.run.dir={full}"], script="pretrain.py").returncode == 0
+    env = {"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    killed = run_train_cli(args + [f"hydra.run.dir={crashed}", "+callbacks.crash._target_=crash_callback.KillAtStep",
+                                   "+callbacks.crash.step=9"], env=env, script="pretrain.py")
+    assert killed.returncode == -9 and (crashed / "checkpoints" / "last.ckpt").is_file()
+    resumed = run_train_cli(args + [f"hydra.run.dir={crashed}", "ckpt_path=last"], script="pretrain.py")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (json.loads((p / "metrics.json").read_text()) for p in (full, crashed))
+    steps_per_epoch = int(np.ceil(a["n_cells"]["train"] / 128))
+    assert a["global_step"] == b["global_step"] == 3 * steps_per_epoch
+    # resumed mid-epoch 1 from the save at step 8 (6 batches per epoch): the same batches, RNG and weights follow
+    assert [r["epoch"] for r in a["history"]] == [r["epoch"] for r in b["history"]] == [0, 1, 2]
+    for ra, rb in zip(a["history"], b["history"]):
+        assert rb["val/loss"] == pytest.approx(ra["val/loss"], abs=1e-6)
+    for epoch in (0, 2):  # epoch 1's train loss is averaged over the batches each process ran
+        assert b["history"][epoch]["train/loss"] == pytest.approx(a["history"][epoch]["train/loss"], abs=1e-6)

@@ -19,10 +19,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from scimilarity_lora.data.anndata import CellBatchDataset, collate_batch
 from scimilarity_lora.data.io import DataError, expression_matrix, gene_names, read_anndata, validate_matrix
+from scimilarity_lora.data.resumable import ResumableDataLoader
 from scimilarity_lora.genes import align_genes, symbol_aliases
 from scimilarity_lora.labels import LabelEncoder
 from scimilarity_lora.preprocess import Preprocessing
@@ -45,29 +47,64 @@ class SourceFile:
 class ClassBalancedBatchSampler(Sampler[list[int]]):
     """Batches of ``batch_size`` distinct cells with ``per_class`` cells of every labelled type (cycling through a
     type's cells, all of them for a type with fewer) and the rest drawn from all cells, labelled or not; the order is
-    a function of (seed, epoch)."""
+    a function of (seed, epoch).
 
-    def __init__(self, labels: np.ndarray, batch_size: int, per_class: int, seed: int = 0) -> None:
+    Under DDP every rank builds the same epoch and takes every ``world_size``-th batch (the epoch is padded to a
+    multiple of ``world_size`` batches, so ranks step together). Its position (epoch, batches handed out) is saved
+    in Lightning checkpoints through :class:`ResumableDataLoader`: a run resumed mid-epoch continues with the next
+    batch of the same epoch."""
+
+    def __init__(self, labels: np.ndarray, batch_size: int, per_class: int, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None) -> None:
         self.labels, self.batch_size, self.per_class, self.seed = np.asarray(labels), batch_size, per_class, seed
         self.classes = [c for c in np.unique(self.labels) if c >= 0 and (self.labels == c).sum() >= 2]
         if per_class * len(self.classes) > batch_size:
             raise ValueError(f"data.batch_size={batch_size} cannot hold {per_class} cells of each of "
                              f"{len(self.classes)} labelled types; raise it or lower data.cells_per_class")
+        if world_size is None:
+            distributed = dist.is_available() and dist.is_initialized()
+            world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        self.rank, self.world_size = int(rank or 0), int(world_size)
         self.epoch = 0
+        self.consumed = 0
+        self._resume: dict[str, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return max(1, int(np.ceil(len(self.labels) / self.batch_size)))
+        """Batches per rank and epoch."""
+        return int(np.ceil(max(1, int(np.ceil(len(self.labels) / self.batch_size))) / self.world_size))
 
     def __iter__(self) -> Iterator[list[int]]:
+        batches = self._epoch_batches(len(self) * self.world_size)[self.rank::self.world_size]
+        skip = 0
+        if self._resume is not None and self._resume["epoch"] == self.epoch:
+            skip = min(self._resume["consumed"], len(batches))
+        self._resume = None
+        self.consumed = skip
+        for batch in batches[skip:]:
+            self.consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if consumed >= len(self):  # saved after an epoch's last batch: the next epoch starts from its beginning
+            epoch, consumed = epoch + 1, 0
+        self.epoch = epoch
+        self._resume = {"epoch": epoch, "consumed": consumed}
+
+    def _epoch_batches(self, n_batches: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         pools = {c: rng.permutation(np.flatnonzero(self.labels == c)) for c in self.classes}
         cursor = {c: 0 for c in self.classes}
         rest = rng.permutation(len(self.labels))
         r = 0
-        for _ in range(len(self)):
+        out = []
+        for _ in range(n_batches):
             batch: list[int] = []
             for c in self.classes:  # per_class cells of each type (all of a type that has fewer), no repeats
                 pool, k = pools[c], min(self.per_class, len(pools[c]))
@@ -80,7 +117,8 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                 if i not in chosen:
                     chosen.add(i)
                     batch.append(i)
-            yield batch
+            out.append(batch)
+        return out
 
 
 def sha256_of(path: str | Path) -> str | None:
@@ -203,9 +241,12 @@ class PretrainDataModule(L.LightningDataModule):
     # -- loaders ------------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         sampler = ClassBalancedBatchSampler(self._train_labels, self.batch_size, self.cells_per_class, self.seed)
-        return DataLoader(self.datasets["train"], batch_sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=collate_batch, generator=torch.Generator().manual_seed(self.seed))
+        return ResumableDataLoader(self.datasets["train"], batch_sampler=sampler, num_workers=self.num_workers,
+                                   collate_fn=collate_batch, generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
+        # its own generator: creating the iterator must not draw from the global RNG (dropout's), or a run resumed
+        # from a save after an epoch's last batch would see other dropout masks than the uninterrupted run
         return DataLoader(self.datasets["val"], batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=collate_batch)
+                          num_workers=self.num_workers, collate_fn=collate_batch,
+                          generator=torch.Generator().manual_seed(self.seed))

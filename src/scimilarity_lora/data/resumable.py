@@ -40,8 +40,11 @@ class ResumableSampler(DistributedSampler):
         return {"epoch": int(self.epoch), "consumed": int(self.consumed)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self._resume = {"epoch": int(state["epoch"]), "consumed": int(state["consumed"])}
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if consumed >= self.num_samples:  # saved after an epoch's last batch: the next epoch starts from its beginning
+            epoch, consumed = epoch + 1, 0
+        self.epoch = epoch
+        self._resume = {"epoch": epoch, "consumed": consumed}
 
 
 class ResumableDataLoader(DataLoader):
@@ -55,7 +58,7 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
 
     def _position(self) -> Any:
-        return self.sampler if hasattr(self.sampler, "state_dict") else self.dataset
+        return next((part for part in (self.sampler, self.batch_sampler) if hasattr(part, "state_dict")), self.dataset)
 
     def state_dict(self) -> dict[str, int]:
         return self._position().state_dict()

@@ -58,8 +58,9 @@ def run_pretraining(cfg: DictConfig) -> float | None:
     history = MetricsHistory()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    # the class-balanced batch sampler shards itself across DDP ranks; Lightning must not wrap it
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks + [history, RestoreRNGState()],
-                                     logger=loggers or False)
+                                     logger=loggers or False, use_distributed_sampler=False)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     seconds = time.perf_counter() - t0
