@@ -177,3 +177,25 @@ def test_unreachable_census_servers_say_what_to_do(monkeypatch):
     monkeypatch.setattr(cellxgene_census, "open_soma", offline)
     with pytest.raises(DataError, match="Census servers could not be reached .* data.uri=/path/to/soma"):
         CensusDataModule().open()
+
+
+def test_pretraining_reads_a_census_slice_through_open_soma(store, store_adata, tmp_path):
+    """pretrain.py's data.files takes a Census slice (here the local SOMA store, the same code path as the servers):
+    cells by obs_value_filter, symbols from feature_name, CL ids from cell_type_ontology_term_id."""
+    from helpers import compose_pretrain
+    from scimilarity_lora.training.pretrain_run import run_pretraining
+
+    files = (f"data.files=[{{uri: '{store}', obs_value_filter: \"donor_id in ['donor_0', 'donor_1', 'donor_2']\", "
+             "label_key: cell_type, ontology_key: cell_type_ontology_term_id}]")
+    run_pretraining(compose_pretrain(["model.hidden_dim=[32]", "model.latent_dim=8", "trainer.max_epochs=1",
+                                      "trainer.enable_progress_bar=false", "data.label_to_ontology={}", files,
+                                      "model.gene_order=scimilarity"], tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    (source,) = metrics["inputs"]
+    expected = int(store_adata.obs["donor_id"].isin(["donor_0", "donor_1", "donor_2"]).sum())
+    assert source["census"] == str(store) and source["n_cells"] == expected
+    assert source["n_overlap"] >= 0.9 * store_adata.n_vars  # symbols came from var.feature_name
+    terms = store_adata.obs.drop_duplicates("cell_type").set_index("cell_type")["cell_type_ontology_term_id"]
+    assert metrics["class_terms"] == {c: terms[c] for c in metrics["classes"]}
+    assert metrics["n_cells"]["train"] + metrics["n_cells"]["val"] == expected
+    assert np.isfinite(metrics["train/loss"]) and (tmp_path / "model" / "encoder.ckpt").is_file()

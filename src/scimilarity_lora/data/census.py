@@ -88,6 +88,27 @@ class CensusBatch:
         return x, torch.from_numpy(np.array(codes, dtype=np.int64))
 
 
+def open_census(uri: str | None, census_version: str | None, tiledb_config: dict | None = None):
+    """The Census (or a local / mirrored SOMA store at ``uri``, opened offline), with an error that says what to
+    do when the Census servers cannot be reached."""
+    import cellxgene_census
+
+    if uri:
+        if "://" not in uri and not Path(uri).exists():
+            raise DataError(f"no SOMA store at {uri}")
+        return cellxgene_census.open_soma(uri=uri, tiledb_config=tiledb_config)
+    import requests
+
+    try:
+        return cellxgene_census.open_soma(census_version=census_version, tiledb_config=tiledb_config)
+    except requests.exceptions.RequestException as e:
+        raise DataError(
+            f"the CELLxGENE Census servers could not be reached ({type(e).__name__}); point data.uri at a local "
+            "or mirrored copy of the Census (a SOMA store: copy the release with `aws s3 sync` or tiledbsoma, or "
+            "build a Census-shaped store from your own .h5ad with `python -m scimilarity_lora.data.soma_store`) "
+            "and run again with data.uri=/path/to/soma") from None
+
+
 class CensusDataModule(CellDataModule):
     id_column = "soma_joinid"
 
@@ -141,22 +162,7 @@ class CensusDataModule(CellDataModule):
 
     # -- opening -------------------------------------------------------------------------------------------------
     def open(self):
-        import cellxgene_census
-
-        if self.uri:
-            if "://" not in self.uri and not Path(self.uri).exists():
-                raise DataError(f"no SOMA store at {self.uri}")
-            return cellxgene_census.open_soma(uri=self.uri, tiledb_config=self.tiledb_config)
-        import requests
-
-        try:
-            return cellxgene_census.open_soma(census_version=self.census_version, tiledb_config=self.tiledb_config)
-        except requests.exceptions.RequestException as e:
-            raise DataError(
-                f"the CELLxGENE Census servers could not be reached ({type(e).__name__}); point data.uri at a local "
-                "or mirrored copy of the Census (a SOMA store: copy the release with `aws s3 sync` or tiledbsoma, or "
-                "build a Census-shaped store from your own .h5ad with `python -m scimilarity_lora.data.soma_store`) "
-                "and run again with data.uri=/path/to/soma") from None
+        return open_census(self.uri, self.census_version, self.tiledb_config)
 
     def _var(self, exp) -> pd.DataFrame:
         var = exp.ms[self.measurement].var.read(column_names=["soma_joinid", "feature_id", "feature_name"])

@@ -34,14 +34,29 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SourceFile:
-    """One input: ``path`` (or a bundled dataset name), its matrix and what it holds."""
+    """One input: ``path`` (an .h5ad or a bundled dataset name), or a CELLxGENE Census slice: ``uri`` (a local or
+    mirrored SOMA store, offline) or ``census_version`` (the Census servers), with ``obs_value_filter``. A Census
+    slice is read into memory with ``cellxgene_census.get_anndata`` (raw counts; symbols from ``feature_name``), so
+    it must fit in memory; the labels are ``cell_type`` with ``cell_type_ontology_term_id`` as their CL ids."""
 
-    path: str
+    path: str | None = None
     layer: str | None = "X"
     input_is_log1p: bool = False
     label_key: str | None = None
     ontology_key: str | None = None  # obs column of CL ids for the labels (e.g. cell_type_ontology_term_id)
     name: str = field(default="")
+    uri: str | None = None
+    census_version: str | None = None
+    organism: str = "homo_sapiens"
+    obs_value_filter: str | None = None
+
+    @property
+    def is_census(self) -> bool:
+        return bool(self.uri or self.census_version)
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if not self.is_census else f"census {self.uri or self.census_version}"
 
 
 class ClassBalancedBatchSampler(Sampler[list[int]]):
@@ -121,6 +136,27 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         return out
 
 
+def _source_name(entry: dict[str, Any]) -> str:
+    if entry.get("path"):
+        return Path(str(entry["path"])).stem
+    return "census" if not entry.get("uri") else f"census_{Path(str(entry['uri'])).name}"
+
+
+def read_census_slice(source: SourceFile):
+    """The cells of a Census (or local SOMA store) matching ``obs_value_filter``, raw counts, in memory."""
+    import cellxgene_census
+
+    from scimilarity_lora.data.census import open_census
+
+    with open_census(source.uri, source.census_version) as census:
+        adata = cellxgene_census.get_anndata(census, organism=source.organism, measurement_name="RNA", X_name="raw",
+                                             obs_value_filter=source.obs_value_filter)
+    if adata.n_obs == 0:
+        raise DataError(f"{source.where}: no cells match obs_value_filter={source.obs_value_filter!r}")
+    adata.obs_names = adata.obs["soma_joinid"].astype(str).to_numpy() if "soma_joinid" in adata.obs else adata.obs_names
+    return adata
+
+
 def sha256_of(path: str | Path) -> str | None:
     path = Path(path)
     if not path.is_file():
@@ -137,12 +173,17 @@ class PretrainDataModule(L.LightningDataModule):
                  val_fraction: float = 0.05, batch_size: int = 512, cells_per_class: int = 8, seed: int = 0,
                  num_workers: int = 0, min_gene_overlap: int = 50, target_sum: float = 1e4,
                  gene_aliases: bool = True, input_format: str = "auto",
-                 label_to_ontology: dict[str, str] | None = None) -> None:
+                 label_to_ontology: dict[str, str] | None = None, holdout_seed: int | None = None) -> None:
         super().__init__()
-        self.files = [SourceFile(**{**f, "name": f.get("name") or Path(str(f["path"])).stem}) for f in files]
+        self.files = [SourceFile(**{**f, "name": f.get("name") or _source_name(f)}) for f in files]
         if not self.files:
-            raise DataError("data.files is empty: give at least one .h5ad")
+            raise DataError("data.files is empty: give at least one .h5ad or Census slice")
+        for f in self.files:
+            if bool(f.path) == f.is_census:
+                raise DataError(f"data.files entry {f.name!r}: give either path (an .h5ad) or uri/census_version "
+                                "(a Census slice), not both or neither")
         self.holdout_file, self.holdout_fraction = holdout_file, holdout_fraction
+        self.holdout_seed = seed if holdout_seed is None else holdout_seed  # fixed: one retention set for all seeds
         self.val_fraction, self.batch_size, self.cells_per_class = val_fraction, batch_size, cells_per_class
         self.seed, self.num_workers, self.min_gene_overlap = seed, num_workers, min_gene_overlap
         self.preprocessing = Preprocessing(target_sum=target_sum)
@@ -158,11 +199,12 @@ class PretrainDataModule(L.LightningDataModule):
 
     # -- building -----------------------------------------------------------------------------------------------
     def _read(self, source: SourceFile) -> tuple[sp.csr_matrix, pd.DataFrame, dict]:
-        adata = read_anndata(source.path)
-        X, var_names, var = expression_matrix(adata, source.layer)
+        adata = read_census_slice(source) if source.is_census else read_anndata(source.path)
+        X, var_names, var = expression_matrix(adata, "X" if source.is_census else source.layer)
         prep = Preprocessing(target_sum=self.preprocessing.target_sum, input_is_log1p=source.input_is_log1p)
-        validate_matrix(X, prep, f"{source.path} ({source.layer})")
-        alignment = align_genes(gene_names(var_names, var, None), self.gene_order, min_overlap=self.min_gene_overlap,
+        validate_matrix(X, prep, f"{source.where} ({source.layer})")
+        symbols = gene_names(var_names, var, "feature_name" if source.is_census else None)
+        alignment = align_genes(symbols, self.gene_order, min_overlap=self.min_gene_overlap,
                                 aliases=symbol_aliases() if self.gene_aliases else None)
         aligned = alignment.apply(X)
         if source.input_is_log1p:  # back to per-cell-scaled counts: one preprocessing for every file
@@ -170,7 +212,7 @@ class PretrainDataModule(L.LightningDataModule):
         obs = pd.DataFrame({"cell_id": adata.obs_names.astype(str), "file": source.name})
         if source.label_key:
             if source.label_key not in adata.obs.columns:
-                raise DataError(f"{source.path}: label column {source.label_key!r} not in obs; "
+                raise DataError(f"{source.where}: label column {source.label_key!r} not in obs; "
                                 f"available: {list(adata.obs.columns)}")
             obs["label"] = adata.obs[source.label_key].astype("string").to_numpy()
             if source.ontology_key and source.ontology_key in adata.obs.columns:
@@ -178,8 +220,9 @@ class PretrainDataModule(L.LightningDataModule):
                 self.observed_terms.update(pairs.dropna().groupby("l")["t"].agg(lambda s: s.mode()[0]).to_dict())
         else:
             obs["label"] = pd.array([pd.NA] * len(obs), dtype="string")
-        return aligned.tocsr(), obs, {"path": str(source.path), "sha256": sha256_of(source.path),
-                                      "n_cells": int(adata.n_obs), **alignment.summary()}
+        identity = ({"census": source.uri or source.census_version, "obs_value_filter": source.obs_value_filter}
+                    if source.is_census else {"path": str(source.path), "sha256": sha256_of(source.path)})
+        return aligned.tocsr(), obs, {**identity, "n_cells": int(adata.n_obs), **alignment.summary()}
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -222,7 +265,7 @@ class PretrainDataModule(L.LightningDataModule):
         if not in_file.any():
             raise DataError(f"data.holdout_file={self.holdout_file!r} names no labelled input "
                             f"(inputs: {[f.name for f in self.files]})")
-        rng = np.random.default_rng(self.seed)
+        rng = np.random.default_rng(self.holdout_seed)
         mask = np.zeros(len(obs), dtype=bool)
         for _, idx in obs[in_file].groupby("label").groups.items():
             idx = np.asarray(idx)
