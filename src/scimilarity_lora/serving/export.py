@@ -4,9 +4,10 @@
     python -m scimilarity_lora.serving.export outputs/multiruns/<date>/<time>   # a sweep: the best run by val/macro_f1
     python -m scimilarity_lora.serving.export path/to/checkpoints/epoch...ckpt  # a Lightning checkpoint
 
-The BentoML model holds the run's model directory (see :mod:`scimilarity_lora.inference.artifact`): the encoder with LoRA
-merged (inference pays nothing for the adapter), the head, classes, gene order and preprocessing, plus training
-metrics and config as metadata. Weights are safetensors: loading never unpickles.
+The BentoML model holds the run's model directory (see :mod:`scimilarity_lora.inference.artifact`) made
+self-contained: the encoder with LoRA merged (inference pays nothing for the adapter; an adapter-only run directory
+is merged with its recorded base here), the head, classes, gene order and preprocessing, plus training metrics and
+config as metadata. Weights are safetensors: loading never unpickles.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from scimilarity_lora.inference.artifact import read_model_dir, save_model_dir
+from scimilarity_lora.inference.artifact import ENCODER_FILE, read_model_dir, save_model_dir, write_merged_encoder
 from scimilarity_lora.inference.runs import MODEL_DIR, METRICS_FILE, best_run
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def resolve_model_dir(source: str | Path, workdir: Path) -> tuple[Path, dict]:
         from scimilarity_lora.training.checkpoint_io import classifier_from_checkpoint  # the training stack, only here
 
         module = classifier_from_checkpoint(source)
-        return save_model_dir(module.model, module.spec(), workdir / MODEL_DIR), {}
+        return save_model_dir(module.model, module.spec(), workdir / MODEL_DIR, merged=True), {}
     if not source.is_dir():
         raise ExportError(f"not a run directory, multirun directory or .ckpt file: {source}")
     run = source if (source / METRICS_FILE).is_file() else best_run(source)
@@ -52,7 +53,7 @@ def export_to_bentoml(source: str | Path, name: str = DEFAULT_NAME) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, metrics = resolve_model_dir(source, Path(tmp))
-        spec, _, _ = read_model_dir(model_dir)  # validates before anything is stored
+        spec, classifier, _ = read_model_dir(model_dir)  # validates (and reloads the base) before anything is stored
         scalar_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         metadata = {
             "classes": spec.classes,
@@ -65,6 +66,8 @@ def export_to_bentoml(source: str | Path, name: str = DEFAULT_NAME) -> str:
         with bentoml.models.create(name, labels={"framework": "pytorch", "task": "cell-type-annotation"},
                                    metadata=metadata) as model:
             shutil.copytree(model_dir, model.path, dirs_exist_ok=True)
+            if not (Path(model.path) / ENCODER_FILE).is_file():  # an adapter-only run: the store gets it merged
+                write_merged_encoder(classifier, model.path)
         return str(model.tag)
 
 
