@@ -1,8 +1,7 @@
 """Many adapters over one base in one forward pass: each row equals its adapter's merged model (to 1e-5)."""
 
-import json
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -65,3 +64,39 @@ def test_unknown_names_and_foreign_adapters_are_refused(runs):
     with pytest.raises(AdapterError, match="not on the served base"):
         read_adapter(runs["bulk_r4_all"] / "model", "x", base_sha256="0" * 64)
     assert multi.remove("a").name == "a" and multi.adapters == {}
+
+
+def test_export_stores_the_base_once_and_each_adapter_as_a_small_model(runs, tmp_path, monkeypatch):
+    """Two adapters of one base: the BentoML store holds the base once and two adapter models that name it; an
+    adapter read back from the store serves like the run it came from."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "true")
+    import bentoml
+
+    from scimilarity_lora.serving.export import export_adapter, export_to_bentoml
+
+    tags = [export_adapter(runs[n], n) for n in ("bulk_r4_all", "louvain_r8_input")]
+    assert len({base for _, base in tags}) == 1  # one base for both
+    models = {m.tag.name: m for m in bentoml.models.list()}
+    assert set(models) == {"scimilarity_base", "bulk_r4_all", "louvain_r8_input"}
+    base_size = sum(f.stat().st_size for f in Path(models["scimilarity_base"].path).iterdir())
+    adapter_size = sum(f.stat().st_size for f in Path(models["bulk_r4_all"].path).rglob("*") if f.is_file())
+    assert base_size > 10e6 and adapter_size < 1e6  # the base once (12 MB), each adapter small
+    assert models["louvain_r8_input"].info.metadata["base"] == tags[0][1]
+    assert not (Path(models["bulk_r4_all"].path) / "encoder.safetensors").exists()
+    # the stored adapter + stored base serve the same answers as the run
+    from scimilarity_lora.model.folder import load_model_folder
+
+    base, genes = load_model_folder(models["scimilarity_base"].path)
+    multi = MultiAdapterClassifier(base)
+    adapter, _ = read_adapter(models["bulk_r4_all"].path, "bulk_r4_all",
+                              base_sha256=models["scimilarity_base"].info.metadata["sha256"])
+    multi.add(adapter)
+    predictor = CellTypePredictor.load(runs["bulk_r4_all"] / "model")
+    x = torch.rand(5, len(genes))
+    assert torch.allclose(multi(x, ["bulk_r4_all"] * 5)[1]["bulk_r4_all"][1], predictor.logits(x)[0], atol=1e-5)
+    # a third adapter of the same base adds no second base; a merged export is still available
+    export_adapter(runs["bulk_frozen"], "bulk_frozen")
+    assert [m.tag.name for m in bentoml.models.list()].count("scimilarity_base") == 1
+    merged = bentoml.models.get(export_to_bentoml(runs["bulk_r4_all"], "bulk_merged"))
+    assert (Path(merged.path) / "encoder.safetensors").is_file()
