@@ -43,11 +43,40 @@ def test_run_dir_contents(trained_run, pbmc):
     assert metrics["finetune"]["mode"] == "lora" and metrics["finetune"]["r"] == 4
     assert len(list((out / "checkpoints").glob("epoch*.ckpt"))) == 1
     assert (out / "checkpoints" / "last.ckpt").is_file()
-    for name in ("model_config.json", "gene_order.tsv", "encoder.safetensors", "head.safetensors",
+    for name in ("model_config.json", "gene_order.tsv", "head.safetensors",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (out / "model" / name).is_file(), name
+    assert not (out / "model" / "encoder.safetensors").exists()  # adapter-only: the base is stored once, elsewhere
     for plot in ("confusion_matrix.png", "learning_curves.png"):
         assert (out / "plots" / plot).stat().st_size > 10_000
+
+
+def test_the_adapter_loads_with_peft_onto_the_base_and_equals_the_merged_model(trained_run, pbmc):
+    """adapter/ is peft's own format: PeftModel.from_pretrained(base, adapter/) reproduces the served model."""
+    from peft import PeftModel
+
+    from scimilarity_lora.inference.runs import load_recorded_base
+
+    out, _ = trained_run
+    predictor = CellTypePredictor.load(out / "model")
+    base = load_recorded_base(out, predictor.spec.base, predictor.spec.genes).eval()
+    x = predictor.featurize(pbmc.raw.X[:64], predictor.alignment(list(pbmc.raw.var_names)), input_is_log1p=True)
+    with torch.no_grad():
+        z_base = base(x)
+        peft_model = PeftModel.from_pretrained(base, str(out / "model" / "adapter")).eval()
+        assert torch.allclose(peft_model(x), predictor.classifier.embed(x), atol=1e-5)
+        assert not torch.allclose(z_base, predictor.classifier.embed(x), atol=1e-3)  # the adapter does something
+    # a merged single-model directory (what export puts in the BentoML store) gives the same answers
+    from scimilarity_lora.inference.artifact import read_model_dir, write_merged_encoder
+    import shutil
+
+    merged_dir = out / "merged_copy"
+    shutil.copytree(out / "model", merged_dir)
+    write_merged_encoder(predictor.classifier, merged_dir)
+    _, merged, _ = read_model_dir(merged_dir)
+    with torch.no_grad():
+        assert torch.allclose(merged.embed(x), predictor.classifier.embed(x), atol=1e-5)
+    shutil.rmtree(merged_dir)
 
 
 def test_splits_are_disjoint_and_recorded(trained_run, pbmc):

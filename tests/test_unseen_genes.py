@@ -43,7 +43,9 @@ def test_merged_first_layer_of_unseen_genes(policy, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     base, _ = load_model_folder(tmp_path / "base")
     w0 = base.network[0][1].weight.detach()
-    w1 = load_file(tmp_path / "model" / "encoder.safetensors")["network.0.1.weight"]
+    from scimilarity_lora.inference.predictor import CellTypePredictor
+
+    w1 = CellTypePredictor.load(tmp_path / "model").classifier.encoder.network[0][1].weight.detach()
     seen = load_file(tmp_path / "model" / "adapter" / "seen_genes.safetensors")["seen_genes"].bool()
     assert int(seen.sum()) == 748
     unseen = ~seen

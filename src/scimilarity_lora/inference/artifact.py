@@ -5,10 +5,17 @@
     model/
       model_config.json      format, encoder architecture, classes, preprocessing, fine-tuning config, base identity
       gene_order.tsv         the encoder's input genes, one per line (SCimilarity's format)
-      encoder.safetensors    the encoder with LoRA merged in, SCimilarity's state-dict keys
+      encoder.safetensors    the encoder with LoRA merged in, SCimilarity's state-dict keys: only in a *merged*
+                             directory (full fine-tuning, or what export puts in the BentoML store)
       head.safetensors       the classification head
-      adapter/               (LoRA runs) the unmerged adapter in peft's own format, and seen_genes.safetensors:
-                             the training data's gene coverage (lora.unseen_genes=freeze kept A off the rest)
+      adapter/               (LoRA runs) the adapter in peft's own format (adapter_config.json +
+                             adapter_model.safetensors; ``PeftModel.from_pretrained(base_encoder, adapter/)`` loads
+                             it), and seen_genes.safetensors: the training data's gene coverage
+
+With a frozen base (``lora``, ``frozen``) a run's directory is *adapter-only*: no encoder.safetensors, the base is
+the one ``model_config.json`` names (its folder and the sha256 of its weights), reloaded and checked on read; the
+adapter is applied with peft and merged. A run directory thus costs the adapter and head, and the base is stored
+once however many runs fine-tune it.
 
 Only safetensors and JSON: loading never unpickles anything.
 """
@@ -35,6 +42,7 @@ CONFIG_FILE = "model_config.json"
 GENE_ORDER_FILE = "gene_order.tsv"
 ENCODER_FILE = "encoder.safetensors"
 HEAD_FILE = "head.safetensors"
+ADAPTER_DIR = "adapter"
 
 
 @dataclass
@@ -69,21 +77,33 @@ def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+def is_adapter_only(spec: ModelSpec) -> bool:
+    """A frozen base with a recorded identity: the directory needs only what training changed."""
+    return spec.finetune.get("mode") in ("lora", "frozen") and bool(spec.base.get("sha256"))
+
+
 def save_model_dir(classifier: CellClassifier, spec: ModelSpec, path: str | Path, extra: dict | None = None,
-                   seen_genes: torch.Tensor | None = None) -> Path:
-    """Write a trained classifier (LoRA merged into the encoder) with its spec as a model directory."""
+                   seen_genes: torch.Tensor | None = None, merged: bool | None = None) -> Path:
+    """Write a trained classifier with its spec as a model directory: adapter-only for a frozen base with a
+    recorded identity, else (or with ``merged=True``) with the encoder, LoRA merged in."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    merged = classifier.merged()
     (out / CONFIG_FILE).write_text(json.dumps({**spec.to_json(), **(extra or {})}, indent=2, default=str))
     write_gene_order(spec.genes, out / GENE_ORDER_FILE)
-    save_file(_tensors(merged.encoder), out / ENCODER_FILE)
-    save_file(_tensors(merged.head), out / HEAD_FILE)
+    if merged or (merged is None and not is_adapter_only(spec)):
+        write_merged_encoder(classifier, out)
+    save_file(_tensors(classifier.head), out / HEAD_FILE)
     if hasattr(classifier.encoder, "save_pretrained"):
-        classifier.encoder.save_pretrained(out / "adapter")
+        classifier.encoder.save_pretrained(out / ADAPTER_DIR)
         if seen_genes is not None:
-            save_file({"seen_genes": seen_genes.detach().cpu().to(torch.uint8)}, out / "adapter" / "seen_genes.safetensors")
+            save_file({"seen_genes": seen_genes.detach().cpu().to(torch.uint8)}, out / ADAPTER_DIR / "seen_genes.safetensors")
     return out
+
+
+def write_merged_encoder(classifier: CellClassifier, folder: str | Path) -> Path:
+    """``encoder.safetensors`` with any LoRA folded in: a directory that needs no base to load."""
+    save_file(_tensors(classifier.merged().encoder), Path(folder) / ENCODER_FILE)
+    return Path(folder) / ENCODER_FILE
 
 
 def read_model_config(path: str | Path) -> dict:
@@ -91,7 +111,7 @@ def read_model_config(path: str | Path) -> dict:
     folder = Path(path)
     if not folder.is_dir():
         raise ModelFolderError(f"model directory not found: {folder}")
-    for name in (CONFIG_FILE, GENE_ORDER_FILE, ENCODER_FILE, HEAD_FILE):
+    for name in (CONFIG_FILE, GENE_ORDER_FILE, HEAD_FILE):
         if not (folder / name).is_file():
             raise ModelFolderError(f"model directory {folder} is missing {name}")
     try:
@@ -103,8 +123,12 @@ def read_model_config(path: str | Path) -> dict:
     return config
 
 
-def read_model_dir(path: str | Path) -> tuple[ModelSpec, CellClassifier, dict[str, Any]]:
-    """(spec, classifier with weights loaded, the full config) with clear errors for anything missing or corrupt."""
+def read_model_dir(path: str | Path, base_dir: str | Path | None = None) -> tuple[ModelSpec, CellClassifier, dict[str, Any]]:
+    """(spec, classifier with weights loaded, the full config) with clear errors for anything missing or corrupt.
+
+    An adapter-only directory reloads its recorded base (from ``base_dir`` if given, e.g. where the BentoML store
+    keeps it; else the folder training recorded, or the run's ``base/`` for a stand-in), refuses one whose weights
+    differ, and applies the peft adapter."""
     folder = Path(path)
     config = read_model_config(folder)
     genes = read_gene_order(folder / GENE_ORDER_FILE)
@@ -115,16 +139,40 @@ def read_model_dir(path: str | Path) -> tuple[ModelSpec, CellClassifier, dict[st
     if len(genes) != spec.encoder.n_genes:
         raise ModelFolderError(
             f"{folder}/{GENE_ORDER_FILE} lists {len(genes)} genes but the encoder takes {spec.encoder.n_genes}")
-    states = []
-    for name in (ENCODER_FILE, HEAD_FILE):
-        try:
-            states.append(load_file(folder / name))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ModelFolderError(f"{folder / name} is corrupt or truncated: {e}") from e
     classifier = CellClassifier.build(spec.encoder, len(spec.classes), spec.head_scale)
-    load_encoder_weights(classifier.encoder, states[0], source=str(folder / ENCODER_FILE))
+    if (folder / ENCODER_FILE).is_file():
+        load_encoder_weights(classifier.encoder, _load(folder / ENCODER_FILE), source=str(folder / ENCODER_FILE))
+    elif is_adapter_only(spec):
+        classifier.encoder.load_state_dict(encoder_from_base(folder, spec, base_dir).state_dict())
+    else:
+        raise ModelFolderError(f"model directory {folder} is missing {ENCODER_FILE}")
     try:
-        classifier.head.load_state_dict(states[1])
+        classifier.head.load_state_dict(_load(folder / HEAD_FILE))
     except RuntimeError as e:
         raise ModelFolderError(f"{folder / HEAD_FILE} does not fit {len(spec.classes)} classes: {e}") from e
     return spec, classifier.eval(), config
+
+
+def encoder_from_base(folder: Path, spec: ModelSpec, base_dir: str | Path | None = None) -> torch.nn.Module:
+    """The recorded base with the directory's peft adapter applied and merged (frozen mode: the base as is)."""
+    from scimilarity_lora.inference.runs import load_recorded_base
+
+    base = dict(spec.base, path=str(base_dir)) if base_dir is not None else spec.base
+    encoder = load_recorded_base(folder.parent, base, spec.genes)
+    if not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
+        if spec.finetune.get("mode") == "lora":
+            raise ModelFolderError(f"model directory {folder} is missing {ADAPTER_DIR}/adapter_config.json")
+        return encoder
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(encoder, str(folder / ADAPTER_DIR)).merge_and_unload()
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelFolderError(f"{folder / ADAPTER_DIR} is not a loadable adapter for this base: {e}") from e
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFolderError(f"{path} is corrupt or truncated: {e}") from e
