@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from scimilarity_lora.data.anndata import CellBatchDataset, collate_batch
 from scimilarity_lora.data.io import DataError, expression_matrix, gene_names, read_anndata, validate_matrix
-from scimilarity_lora.data.resumable import ResumableDataLoader
+from scimilarity_lora.data.resumable import EpochPosition, ResumableDataLoader
 from scimilarity_lora.genes import align_genes, symbol_aliases
 from scimilarity_lora.labels import LabelEncoder
 from scimilarity_lora.preprocess import Preprocessing
@@ -59,7 +59,7 @@ class SourceFile:
         return str(self.path) if not self.is_census else f"census {self.uri or self.census_version}"
 
 
-class ClassBalancedBatchSampler(Sampler[list[int]]):
+class ClassBalancedBatchSampler(EpochPosition, Sampler[list[int]]):
     """Batches of ``batch_size`` distinct cells with ``per_class`` cells of every labelled type (cycling through a
     type's cells, all of them for a type with fewer) and the rest drawn from all cells, labelled or not; the order is
     a function of (seed, epoch).
@@ -81,8 +81,6 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         self.rank, self.world_size = int(rank or 0), int(world_size)
         self.epoch = 0
-        self.consumed = 0
-        self._resume: dict[str, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -91,26 +89,11 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         """Batches per rank and epoch."""
         return int(np.ceil(max(1, int(np.ceil(len(self.labels) / self.batch_size))) / self.world_size))
 
+    def _epoch_length(self) -> int:
+        return len(self)
+
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._epoch_batches(len(self) * self.world_size)[self.rank::self.world_size]
-        skip = 0
-        if self._resume is not None and self._resume["epoch"] == self.epoch:
-            skip = min(self._resume["consumed"], len(batches))
-        self._resume = None
-        self.consumed = skip
-        for batch in batches[skip:]:
-            self.consumed += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        if consumed >= len(self):  # saved after an epoch's last batch: the next epoch starts from its beginning
-            epoch, consumed = epoch + 1, 0
-        self.epoch = epoch
-        self._resume = {"epoch": epoch, "consumed": consumed}
+        return self._resume_from(self._epoch_batches(len(self) * self.world_size)[self.rank::self.world_size])
 
     def _epoch_batches(self, n_batches: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])

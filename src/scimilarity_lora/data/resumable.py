@@ -15,36 +15,53 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
-class ResumableSampler(DistributedSampler):
-    """Shuffles by (seed, epoch) like :class:`DistributedSampler` (Lightning keeps it as is under DDP: each rank
-    takes its own shard) and can start an epoch part-way through."""
+class EpochPosition:
+    """Where a sampler is in its epoch: (epoch, items handed out), saved in checkpoints and resumed from.
 
-    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0) -> None:
-        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
-        self.consumed = 0
-        self._resume: dict[str, int] | None = None
+    A sampler calls :meth:`_resume_from` with the epoch's items (a pure function of seed and epoch) and yields
+    what it returns; ``_epoch_length`` is the number of items per epoch."""
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+    epoch: int
+    consumed: int = 0
+    _resume: dict[str, int] | None = None
+
+    def _epoch_length(self) -> int:
+        raise NotImplementedError
+
+    def _resume_from(self, items: list) -> Iterator:
         skip = 0
         if self._resume is not None and self._resume["epoch"] == self.epoch:
-            skip = min(int(self._resume["consumed"]), len(indices))
+            skip = min(self._resume["consumed"], len(items))
         self._resume = None
         self.consumed = skip
-        for i in indices[skip:]:
+        for item in items[skip:]:
             self.consumed += 1
-            yield i
+            yield item
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": int(self.epoch), "consumed": int(self.consumed)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        if consumed >= self.num_samples:  # saved after an epoch's last batch: the next epoch starts from its beginning
+        if consumed >= self._epoch_length():  # saved after an epoch's last item: the next epoch starts afresh
             epoch, consumed = epoch + 1, 0
         self.epoch = epoch
         self._resume = {"epoch": epoch, "consumed": consumed}
+
+
+class ResumableSampler(EpochPosition, DistributedSampler):
+    """Shuffles by (seed, epoch) like :class:`DistributedSampler` (Lightning keeps it as is under DDP: each rank
+    takes its own shard) and can start an epoch part-way through."""
+
+    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0) -> None:
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+        DistributedSampler.__init__(self, dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+
+    def _epoch_length(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        return self._resume_from(list(DistributedSampler.__iter__(self)))
 
 
 class ResumableDataLoader(DataLoader):
