@@ -199,3 +199,23 @@ def test_pretraining_reads_a_census_slice_through_open_soma(store, store_adata, 
     assert metrics["class_terms"] == {c: terms[c] for c in metrics["classes"]}
     assert metrics["n_cells"]["train"] + metrics["n_cells"]["val"] == expected
     assert np.isfinite(metrics["train/loss"]) and (tmp_path / "model" / "encoder.ckpt").is_file()
+
+
+def test_pretraining_streams_a_census_slice(store, store_adata, tmp_path):
+    """data=pretrain_census_stream: the training stream (open_soma + tiledbsoma-ml) feeds pretraining, with each
+    label's CL id read from the store for ontology-aware mining."""
+    from helpers import compose_pretrain
+    from scimilarity_lora.training.pretrain_run import run_pretraining
+
+    run_pretraining(compose_pretrain(["data=pretrain_census_stream", f"data.uri={store}", "data.io_batch_size=1024",
+                                      "data.batch_size=128", "model.gene_order=scimilarity", "model.hidden_dim=[32]",
+                                      "model.latent_dim=8", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"],
+                                     tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    terms = store_adata.obs.drop_duplicates("cell_type").set_index("cell_type")["cell_type_ontology_term_id"]
+    assert metrics["class_terms"] == {c: terms[c] for c in metrics["classes"]} and len(metrics["classes"]) >= 5
+    assert metrics["census"]["uri"] == str(store)
+    history = metrics["history"]
+    assert [r["epoch"] for r in history] == [0, 1] and history[1]["train/loss"] < history[0]["train/loss"]
+    assert all(r["train/n_triplets"] > 0 for r in history)  # streamed batches hold positives
+    assert (tmp_path / "model" / "encoder.ckpt").is_file() and not (tmp_path / "holdout.csv").exists()

@@ -26,7 +26,7 @@ from scimilarity_lora.model.folder import (
     save_pretrained_folder,
 )
 from scimilarity_lora.model.triplet import negatives_from_relations
-from scimilarity_lora.training.callbacks import MetricsHistory, RestoreRNGState
+from scimilarity_lora.training.callbacks import MetricsHistory, RestoreRNGState, SetDatasetEpoch
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def run_pretraining(cfg: DictConfig) -> float | None:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     # the class-balanced batch sampler shards itself across DDP ranks; Lightning must not wrap it
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks + [history, RestoreRNGState()],
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks + [history, SetDatasetEpoch(), RestoreRNGState()],
                                      logger=loggers or False, use_distributed_sampler=False)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
