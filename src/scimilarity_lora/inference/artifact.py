@@ -141,13 +141,14 @@ def read_model_dir(path: str | Path, base_dir: str | Path | None = None) -> tupl
             f"{folder}/{GENE_ORDER_FILE} lists {len(genes)} genes but the encoder takes {spec.encoder.n_genes}")
     classifier = CellClassifier.build(spec.encoder, len(spec.classes), spec.head_scale)
     if (folder / ENCODER_FILE).is_file():
-        load_encoder_weights(classifier.encoder, _load(folder / ENCODER_FILE), source=str(folder / ENCODER_FILE))
+        load_encoder_weights(classifier.encoder, load_safetensors(folder / ENCODER_FILE),
+                             source=str(folder / ENCODER_FILE))
     elif is_adapter_only(spec):
         classifier.encoder.load_state_dict(encoder_from_base(folder, spec, base_dir).state_dict())
     else:
         raise ModelFolderError(f"model directory {folder} is missing {ENCODER_FILE}")
     try:
-        classifier.head.load_state_dict(_load(folder / HEAD_FILE))
+        classifier.head.load_state_dict(load_safetensors(folder / HEAD_FILE))
     except RuntimeError as e:
         raise ModelFolderError(f"{folder / HEAD_FILE} does not fit {len(spec.classes)} classes: {e}") from e
     return spec, classifier.eval(), config
@@ -171,7 +172,8 @@ def encoder_from_base(folder: Path, spec: ModelSpec, base_dir: str | Path | None
         raise ModelFolderError(f"{folder / ADAPTER_DIR} is not a loadable adapter for this base: {e}") from e
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or a :class:`ModelFolderError` naming the file."""
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scimilarity_lora.inference.artifact import (ADAPTER_DIR, GENE_ORDER_FILE, HEAD_FILE, ModelSpec, _load,
-                                                 is_adapter_only, read_model_config)
+from scimilarity_lora.inference.artifact import (ADAPTER_DIR, GENE_ORDER_FILE, HEAD_FILE, ModelSpec,
+                                                 is_adapter_only, load_safetensors, read_model_config)
 from scimilarity_lora.genes import read_gene_order
 from scimilarity_lora.model.classifier import ClassifierHead
 from scimilarity_lora.model.folder import ModelFolderError
@@ -30,7 +30,7 @@ def read_adapter(model_dir: str | Path, name: str, base_sha256: str | None = Non
                            f"not on the served base {base_sha256[:16]}...")
     head = ClassifierHead(spec.encoder.latent_dim, len(spec.classes), spec.head_scale)
     try:
-        head.load_state_dict(_load(folder / HEAD_FILE))
+        head.load_state_dict(load_safetensors(folder / HEAD_FILE))
     except RuntimeError as e:
         raise ModelFolderError(f"{folder / HEAD_FILE} does not fit {len(spec.classes)} classes: {e}") from e
     updates = read_peft_lora(folder / ADAPTER_DIR) if spec.finetune.get("mode") == "lora" else {}
