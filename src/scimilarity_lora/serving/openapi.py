@@ -15,6 +15,7 @@ PREDICT_EXAMPLE = {"expression": {"CD3D": 1.2, "GNLY": 0.1, "MS4A1": 3.4, "CD14"
 RESPONSES = {"/predict": PredictResponse, "/predict_batch": BatchResponse, "/embed": EmbedResponse}
 ERRORS = {
     "400": "invalid request: the message names the field or the cell",
+    "404": "the request names a model this service does not serve (the message lists the served ones)",
     "408": "the request body did not arrive within the body timeout",
     "413": "the request body is larger than the cap",
     "415": "not application/json (the JSON endpoints); a missing or form content type is read as JSON",
@@ -65,7 +66,7 @@ def complete_spec(spec: dict, model_tag: str | None = None) -> dict:
             continue
         responses = {code: r for code, r in post.get("responses", {}).items() if not str(code).startswith("4")}
         responses["200"] = {"description": "the answer", "content": {"application/json": {"schema": _ref(model.__name__)}}}
-        responses.update(_error_responses(("400", "408", "413", "415")))
+        responses.update(_error_responses(("400", "404", "408", "413", "415")))
         post["responses"] = responses
     predict_body = paths.get("/predict", {}).get("post", {}).get("requestBody", {}).get("content", {})
     if "application/json" in predict_body:

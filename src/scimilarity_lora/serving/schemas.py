@@ -25,6 +25,10 @@ ForceLabel = Annotated[bool, Field(strict=True, description='true: always name a
                                    '"unknown" for a cell the model is not confident about or has never seen the like of')]
 
 
+ModelName = Annotated[str, Field(min_length=1, max_length=200, description="which served model answers (GET "
+                                  "/v1/models lists them); omitted: the default model")]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -34,6 +38,7 @@ class CellRequest(_Strict):
     values: Values = Field("counts", description="'counts' (raw UMI counts) or 'log1p' (log1p(normalize_total))")
     top_k: TopK = Field(3, description="how many ranked cell types to return")
     force_label: ForceLabel = False
+    model: ModelName = None  # type: ignore[assignment]  # omitted: the default model; an explicit null is refused
 
 
 class BatchCell(_Strict):
@@ -56,11 +61,13 @@ class BatchRequest(_Strict):
     values: Values = "counts"
     top_k: TopK = 3
     force_label: ForceLabel = False
+    model: ModelName = None  # type: ignore[assignment]  # omitted: the default model; an explicit null is refused
 
 
 class EmbedRequest(_Strict):
     expression: Expression
     values: Values = "counts"
+    model: ModelName = None  # type: ignore[assignment]  # omitted: the default model; an explicit null is refused
 
 
 # -- answers (documented in the OpenAPI schema; see .openapi) ------------------------------------------------------

@@ -24,7 +24,7 @@ import bentoml
 import numpy as np
 import scipy.sparse as sp
 import torch
-from bentoml.exceptions import InvalidArgument
+from bentoml.exceptions import InvalidArgument, NotFound
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -34,6 +34,7 @@ from scimilarity_lora.genes import GeneAlignment, GeneAlignmentError
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.preprocess import InvalidExpressionError
 from scimilarity_lora.serving import client_errors
+from scimilarity_lora.serving.adapter_set import AdapterSet, adapter_tags
 from scimilarity_lora.serving.batcher import MicroBatcher
 from scimilarity_lora.serving.middleware import RequestGuard, ShortErrors
 from scimilarity_lora.serving.openapi import CompleteOpenAPI
@@ -80,7 +81,14 @@ async def _predict_batch_npz(request: Request) -> JSONResponse:
                                            batch.force_label))
 
 
-v1_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]),
+async def _models(request: Request) -> JSONResponse:
+    svc = _service()
+    if svc is None:
+        return JSONResponse({"error": "model not loaded yet"}, status_code=503)
+    return JSONResponse({"models": svc.models(), "default": svc.default_model})
+
+
+v1_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]), Route("/models", _models, methods=["GET"]),
                            Route("/predict_batch_npz", _predict_batch_npz, methods=["POST"])])
 
 
@@ -100,10 +108,24 @@ class SCimilarityLoRA:
     def __init__(self) -> None:
         client_errors.install()
         torch.set_num_threads(SETTINGS.torch_threads)
-        self.predictor = CellTypePredictor.load(self.model.path)
-        self.batcher = MicroBatcher(self.predictor, SETTINGS.max_batch_rows)
+        info = self.model.info
+        self.adapters: AdapterSet | None = None
+        if info.labels.get("kind") == "base":  # one base, many adapters (see adapter_set.py)
+            self.adapters = AdapterSet(self.model.path, info.metadata["sha256"])
+            for tag in adapter_tags(info.metadata["sha256"], SETTINGS.adapters):
+                model = bentoml.models.get(tag)
+                self.adapters.add(model.tag.name, model.path, str(model.tag))
+            if not self.adapters.predictors:
+                raise RuntimeError(f"no adapter of base {info.tag} in the model store (export --adapter)")
+            self.default_model = SETTINGS.default_model or sorted(self.adapters.predictors)[0]
+            self.predictor = self.adapters.predictors[self.default_model]
+            self.batcher = MicroBatcher(None, SETTINGS.max_batch_rows, forward=self._adapter_forward)
+        else:
+            self.default_model = info.tag.name
+            self.predictor = CellTypePredictor.load(self.model.path)
+            self.batcher = MicroBatcher(self.predictor, SETTINGS.max_batch_rows)
         self.cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="featurize")
-        info, spec = self.model.info, self.predictor.spec
+        spec = self.predictor.spec
         self.metadata = {
             "model_tag": str(info.tag),
             "classes": self.predictor.classes,
@@ -124,83 +146,108 @@ class SCimilarityLoRA:
         }
         log.info("serving %s: %d classes, %d genes", info.tag, len(self.predictor.classes), len(self.predictor.genes))
 
+    def _adapter_forward(self, xs: list[torch.Tensor], names: list[str | None]) -> list:
+        return self.adapters.forward(xs, [n or self.default_model for n in names])
+
+    def resolve(self, model: str | None) -> tuple[str, CellTypePredictor]:
+        """The model a request names (or the default), or 404 with the names served."""
+        name = model or self.default_model
+        served = sorted(self.adapters.predictors) if self.adapters else [self.default_model]
+        if name not in served:
+            raise NotFound(f"unknown model {name!r}; served: {served}")
+        return name, self.adapters.predictors[name] if self.adapters else self.predictor
+
+    def models(self) -> list[dict[str, Any]]:
+        if self.adapters is None:
+            return [{"name": self.default_model, "tag": self.metadata["model_tag"], "classes": self.predictor.classes,
+                     "metrics": self.metadata["training_metrics"], "base": self.predictor.spec.base, "default": True}]
+        return [{**info, "default": name == self.default_model} for name, info in sorted(self.adapters.info.items())]
+
     async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run CPU work (parsing, validation, featurisation) in the featurisation pool, not on the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
 
     # -- featurisation: the shared alignment + preprocessing, with errors turned into 400s --------------------
     def featurize(self, X: sp.csr_matrix, genes: list[str], values: str,
-                  where: str = "") -> tuple[torch.Tensor, GeneAlignment]:
+                  where: str = "", pred: CellTypePredictor | None = None) -> tuple[torch.Tensor, GeneAlignment]:
+        pred = pred or self.predictor
         try:
-            alignment = self.predictor.alignment(genes, min_overlap=1)
+            alignment = pred.alignment(genes, min_overlap=1)
         except GeneAlignmentError as e:
             raise InvalidArgument(f"{where}{gene_error_message(e, len(genes))}") from None
         try:
-            x = self.predictor.featurize(X, alignment, input_is_log1p=values == "log1p")
+            x = pred.featurize(X, alignment, input_is_log1p=values == "log1p")
         except InvalidExpressionError as e:
             raise InvalidArgument(f"{where}{e}") from None
         return x, alignment
 
-    def _one_cell(self, expression: dict[str, float], values: str,
-                  where: str = "") -> tuple[torch.Tensor, GeneAlignment]:
+    def _one_cell(self, expression: dict[str, float], values: str, where: str = "",
+                  pred: CellTypePredictor | None = None) -> tuple[torch.Tensor, GeneAlignment]:
         X = sp.csr_matrix(np.asarray([list(expression.values())], dtype=np.float32))
-        return self.featurize(X, list(expression), values, where)
+        return self.featurize(X, list(expression), values, where, pred)
 
-    def _predictions(self, probs: np.ndarray, z: np.ndarray, top_k: int, force_label: bool) -> list[dict[str, Any]]:
-        status = self.predictor.status(probs, z)
-        answers = self.predictor.answer(probs, status, force_label)
-        return [{"cell_type": answer, "status": s, **self._ranking(p, top_k)} for p, s, answer in zip(probs, status, answers)]
+    def _predictions(self, probs: np.ndarray, z: np.ndarray, top_k: int, force_label: bool,
+                     pred: CellTypePredictor | None = None) -> list[dict[str, Any]]:
+        pred = pred or self.predictor
+        status = pred.status(probs, z)
+        answers = pred.answer(probs, status, force_label)
+        return [{"cell_type": answer, "status": s, **self._ranking(p, top_k, pred)}
+                for p, s, answer in zip(probs, status, answers)]
 
-    def _ranking(self, probs: np.ndarray, top_k: int) -> dict[str, Any]:
+    def _ranking(self, probs: np.ndarray, top_k: int, pred: CellTypePredictor) -> dict[str, Any]:
         order = np.argsort(-probs)[:top_k]
         return {
-            "best_guess": self.predictor.classes[int(order[0])],
+            "best_guess": pred.classes[int(order[0])],
             "confidence": round(float(probs[order[0]]), 6),
-            "top_k": [{"cell_type": self.predictor.classes[int(i)], "probability": round(float(probs[i]), 6)}
-                      for i in order],
+            "top_k": [{"cell_type": pred.classes[int(i)], "probability": round(float(probs[i]), 6)} for i in order],
         }
 
-    def _prepare_batch(self, cells: list | None, sparse: SparseCells | None, values: str) -> tuple[torch.Tensor, list[int]]:
+    def _prepare_batch(self, cells: list | None, sparse: SparseCells | None, values: str,
+                       pred: CellTypePredictor | None = None) -> tuple[torch.Tensor, list[int]]:
         if cells is not None:
             parts = [self._one_cell(c.expression if hasattr(c, "expression") else c["expression"], values,
-                                    where=f"cell {i}: ") for i, c in enumerate(cells)]
+                                    f"cell {i}: ", pred) for i, c in enumerate(cells)]
             return torch.cat([p[0] for p in parts]), [p[1].n_overlap for p in parts]
         X, genes = sparse_matrix(sparse)
-        x, alignment = self.featurize(X, genes, values)
+        x, alignment = self.featurize(X, genes, values, pred=pred)
         return x, [alignment.n_overlap] * X.shape[0]
 
     def batch_response(self, probs: np.ndarray, z: np.ndarray, top_k: int, used: list[int],
-                       force_label: bool = False) -> dict:
-        predictions = self._predictions(probs, z, top_k, force_label)
+                       force_label: bool = False, pred: CellTypePredictor | None = None) -> dict:
+        predictions = self._predictions(probs, z, top_k, force_label, pred)
         return {"predictions": [{**p, "genes_used": u} for p, u in zip(predictions, used)], "n_cells": len(used)}
 
     # -- endpoints -------------------------------------------------------------------------------------------
     @bentoml.api(input_spec=CellRequest, route="/predict")
     async def predict(self, expression: dict[str, float], values: str = "counts", top_k: int = 3,
-                      force_label: bool = False) -> dict:
+                      force_label: bool = False, model: str | None = None) -> dict:
         """Predict the cell type of one cell ("unknown", with the best guess and the reason, when the model is not
         confident or has never seen the like of it; ``force_label`` always names a type)."""
-        x, alignment = await self.off_loop(self._one_cell, expression, values)
-        probs, z = await self.batcher.run(x)
+        name, pred = self.resolve(model)
+        x, alignment = await self.off_loop(self._one_cell, expression, values, "", pred)
+        probs, z = await self.batcher.run(x, name)
         unknown = list(alignment.unknown_genes)
-        return {**self._predictions(probs, z, top_k, force_label)[0], "genes_used": alignment.n_overlap,
+        return {**self._predictions(probs, z, top_k, force_label, pred)[0], "genes_used": alignment.n_overlap,
                 "genes_unknown": unknown[:100], "n_genes_unknown": len(unknown), "values": values}
 
     @bentoml.api(input_spec=BatchRequest, route="/predict_batch")
     async def predict_batch(self, cells: list | None = None, sparse: SparseCells | None = None,
-                            values: str = "counts", top_k: int = 3, force_label: bool = False) -> dict:
+                            values: str = "counts", top_k: int = 3, force_label: bool = False,
+                            model: str | None = None) -> dict:
         """Predict many cells: a list of expression dicts, or one CSR-like sparse block with a shared gene list."""
         if (cells is None) == (sparse is None):
             raise InvalidArgument("send exactly one of 'cells' (a list of {expression: {...}}) or 'sparse'")
-        x, used = await self.off_loop(self._prepare_batch, cells, sparse, values)
-        probs, z = await self.batcher.run(x)
-        return self.batch_response(probs, z, top_k, used, force_label)
+        name, pred = self.resolve(model)
+        x, used = await self.off_loop(self._prepare_batch, cells, sparse, values, pred)
+        probs, z = await self.batcher.run(x, name)
+        return self.batch_response(probs, z, top_k, used, force_label, pred)
 
     @bentoml.api(input_spec=EmbedRequest, route="/embed")
-    async def embed(self, expression: dict[str, float], values: str = "counts") -> dict:
+    async def embed(self, expression: dict[str, float], values: str = "counts", model: str | None = None) -> dict:
         """The cell's L2-normalised SCimilarity embedding (of the fine-tuned encoder)."""
-        x, alignment = await self.off_loop(self._one_cell, expression, values)
-        _, emb = await self.batcher.run(x)
+        name, pred = self.resolve(model)
+        x, alignment = await self.off_loop(self._one_cell, expression, values, "", pred)
+        _, emb = await self.batcher.run(x, name)
         return {"embedding": [round(float(v), 7) for v in emb[0]], "dim": int(emb.shape[1]),
                 "genes_used": alignment.n_overlap}
 

@@ -1,0 +1,103 @@
+"""One `bentoml serve` answering for several adapters (different label sets) over one base, driven over HTTP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from helpers import REPO, compose_train
+from scimilarity_lora.inference.predictor import CellTypePredictor
+from scimilarity_lora.training.run import run
+from test_service import free_port
+
+RUNS = {"pbmc_bulk": ["lora.r=4", "data.label_key=bulk_labels"],
+        "pbmc_louvain": ["lora.r=8", "lora.target_modules=input", "data.label_key=louvain"]}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    base = None
+    for name, overrides in RUNS.items():
+        run(compose_train(overrides + ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"], root / name))
+        out = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(root / name), "--adapter",
+                              "--name", name], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+        base = out.stdout.strip().splitlines()[-1].split("(base ")[1].rstrip(")")
+    env["SCIMILARITY_LORA_MODEL"] = base
+    port = free_port()
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError((root / "serve.log").read_text()[-3000:])
+        time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise RuntimeError("bentoml serve did not become ready:\n" + (root / "serve.log").read_text()[-3000:])
+    yield {"url": url, "predictors": {n: CellTypePredictor.load(root / n / "model") for n in RUNS}}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def cell(pbmc, i: int) -> dict:
+    row = pbmc.raw.X[i].toarray().ravel() if hasattr(pbmc.raw.X, "toarray") else pbmc.raw.X[i]
+    genes = np.asarray(pbmc.raw.var_names)
+    return {g: round(float(v), 5) for g, v in zip(genes, row) if v > 0}
+
+
+def test_models_lists_each_adapter_with_its_classes(served):
+    body = requests.get(f"{served['url']}/v1/models", timeout=10).json()
+    assert body["default"] == "pbmc_bulk"  # the first by name
+    listed = {m["name"]: m for m in body["models"]}
+    assert set(listed) == set(RUNS)
+    for name, predictor in served["predictors"].items():
+        assert listed[name]["classes"] == predictor.classes and listed[name]["default"] == (name == "pbmc_bulk")
+
+
+def test_each_request_is_answered_by_the_adapter_it_names(served, pbmc):
+    """Concurrent requests for both adapters (mixed in the micro-batcher's forward passes) equal each run's model."""
+    jobs = [(name, i) for i in range(12) for name in RUNS]
+
+    def ask(job):
+        name, i = job
+        r = requests.post(f"{served['url']}/predict", json={"expression": cell(pbmc, i), "values": "log1p",
+                                                            "model": name, "top_k": 1, "force_label": True}, timeout=30)
+        return job, r
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (name, i), r in answers:
+        assert r.status_code == 200, r.text
+        predictor = served["predictors"][name]
+        probs, _ = predictor.predict(pbmc.raw.X[i:i + 1], list(pbmc.raw.var_names), input_is_log1p=True)
+        body = r.json()
+        assert body["best_guess"] == predictor.classes[int(probs[0].argmax())]
+        assert body["confidence"] == pytest.approx(float(probs[0].max()), abs=1e-4)
+        assert body["cell_type"] in predictor.classes  # force_label: a label of this adapter's own set
+
+
+def test_requests_without_a_model_go_to_the_default_and_unknown_names_get_404(served, pbmc):
+    r = requests.post(f"{served['url']}/predict", json={"expression": cell(pbmc, 0), "values": "log1p"}, timeout=30)
+    assert r.status_code == 200 and r.json()["best_guess"] in served["predictors"]["pbmc_bulk"].classes
+    r = requests.post(f"{served['url']}/predict", json={"expression": cell(pbmc, 0), "model": "lung"}, timeout=30)
+    assert r.status_code == 404
+    assert "lung" in r.text and "pbmc_bulk" in r.text and "pbmc_louvain" in r.text
