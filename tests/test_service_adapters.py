@@ -19,6 +19,8 @@ from test_service import free_port
 
 RUNS = {"pbmc_bulk": ["lora.r=4", "data.label_key=bulk_labels"],
         "pbmc_louvain": ["lora.r=8", "lora.target_modules=input", "data.label_key=louvain"]}
+LATER = {"pbmc_frozen": ["finetune=frozen", "data.label_key=bulk_labels"]}  # added while the server runs
+TOKEN = "s3cret-for-tests"
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +28,12 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
     base = None
-    for name, overrides in RUNS.items():
+    for name, overrides in {**RUNS, **LATER}.items():
         run(compose_train(overrides + ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"], root / name))
         out = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(root / name), "--adapter",
                               "--name", name], env=env, cwd=REPO, capture_output=True, text=True, check=True)
         base = out.stdout.strip().splitlines()[-1].split("(base ")[1].rstrip(")")
-    env["SCIMILARITY_LORA_MODEL"] = base
+    env.update(SCIMILARITY_LORA_MODEL=base, SCIMILARITY_LORA_ADAPTERS=",".join(RUNS), SCIMILARITY_LORA_ADMIN_TOKEN=TOKEN)
     port = free_port()
     log = open(root / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -50,7 +52,7 @@ def served(tmp_path_factory):
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         raise RuntimeError("bentoml serve did not become ready:\n" + (root / "serve.log").read_text()[-3000:])
-    yield {"url": url, "predictors": {n: CellTypePredictor.load(root / n / "model") for n in RUNS}}
+    yield {"url": url, "predictors": {n: CellTypePredictor.load(root / n / "model") for n in {**RUNS, **LATER}}}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
@@ -68,8 +70,9 @@ def test_models_lists_each_adapter_with_its_classes(served):
     body = requests.get(f"{served['url']}/v1/models", timeout=10).json()
     assert body["default"] == "pbmc_bulk"  # the first by name
     listed = {m["name"]: m for m in body["models"]}
-    assert set(listed) == set(RUNS)
-    for name, predictor in served["predictors"].items():
+    assert set(listed) == set(RUNS)  # SCIMILARITY_LORA_ADAPTERS chose two of the three in the store
+    for name in RUNS:
+        predictor = served["predictors"][name]
         assert listed[name]["classes"] == predictor.classes and listed[name]["default"] == (name == "pbmc_bulk")
 
 
@@ -101,3 +104,25 @@ def test_requests_without_a_model_go_to_the_default_and_unknown_names_get_404(se
     r = requests.post(f"{served['url']}/predict", json={"expression": cell(pbmc, 0), "model": "lung"}, timeout=30)
     assert r.status_code == 404
     assert "lung" in r.text and "pbmc_bulk" in r.text and "pbmc_louvain" in r.text
+
+
+def test_adapters_are_added_and_removed_while_serving_with_the_admin_token(served, pbmc):
+    url, admin = served["url"], f"{served['url']}/v1/admin/adapters"
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    assert requests.post(admin, json={"model": "pbmc_frozen"}, timeout=30).status_code == 401
+    assert requests.post(admin, json={"model": "pbmc_frozen"}, headers={"authorization": "Bearer nope"},
+                         timeout=30).status_code == 401
+    assert requests.post(admin, json={"model": "no_such_model"}, headers=auth, timeout=30).status_code == 400
+    r = requests.post(admin, json={"model": "pbmc_frozen"}, headers=auth, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["models"] == ["pbmc_bulk", "pbmc_frozen", "pbmc_louvain"]
+    r = requests.post(f"{url}/predict", json={"expression": cell(pbmc, 3), "values": "log1p", "model": "pbmc_frozen",
+                                              "top_k": 1}, timeout=30)
+    predictor = served["predictors"]["pbmc_frozen"]
+    probs, _ = predictor.predict(pbmc.raw.X[3:4], list(pbmc.raw.var_names), input_is_log1p=True)
+    assert r.status_code == 200 and r.json()["confidence"] == pytest.approx(float(probs.max()), abs=1e-4)
+    assert requests.delete(f"{admin}/pbmc_bulk", headers=auth, timeout=30).status_code == 409  # the default
+    r = requests.delete(f"{admin}/pbmc_frozen", headers=auth, timeout=30)
+    assert r.status_code == 200 and r.json()["models"] == ["pbmc_bulk", "pbmc_louvain"]
+    r = requests.post(f"{url}/predict", json={"expression": cell(pbmc, 3), "model": "pbmc_frozen"}, timeout=30)
+    assert r.status_code == 404

@@ -88,7 +88,43 @@ async def _models(request: Request) -> JSONResponse:
     return JSONResponse({"models": svc.models(), "default": svc.default_model})
 
 
+async def _admin_adapters(request: Request) -> JSONResponse:
+    """Add (POST {"model": "<name or name:version in the store>"}) or remove (DELETE .../adapters/<name>) an adapter
+    while the server runs. Guarded by ``SCIMILARITY_LORA_ADMIN_TOKEN`` (``Authorization: Bearer <token>``); without
+    that variable the endpoint does not exist. Changes run on the inference thread, between forward passes."""
+    svc = _service()
+    if svc is None:
+        return JSONResponse({"error": "model not loaded yet"}, status_code=503)
+    if not SETTINGS.admin_token or svc.adapters is None:
+        return JSONResponse({"error": "not found (adapter administration needs a base model and "
+                                      "SCIMILARITY_LORA_ADMIN_TOKEN)"}, status_code=404)
+    import hmac
+
+    if not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {SETTINGS.admin_token}"):
+        return JSONResponse({"error": "missing or wrong admin token"}, status_code=401)
+    loop = asyncio.get_running_loop()
+    if request.method == "DELETE":
+        name = request.path_params.get("name", "")
+        if name not in svc.adapters.predictors:
+            return JSONResponse({"error": f"unknown model {name!r}; served: {sorted(svc.adapters.predictors)}"},
+                                status_code=404)
+        if name == svc.default_model:
+            return JSONResponse({"error": f"{name!r} is the default model; it cannot be removed"}, status_code=409)
+        await loop.run_in_executor(svc.batcher.executor, svc.adapters.remove, name)
+        return JSONResponse({"removed": name, "models": sorted(svc.adapters.predictors)})
+    try:
+        body = await request.json()
+        tag = body["model"]
+        model = bentoml.models.get(tag)
+        await loop.run_in_executor(svc.batcher.executor, svc.adapters.add, model.tag.name, model.path, str(model.tag))
+    except (ValueError, KeyError, TypeError, bentoml.exceptions.NotFound) as e:
+        return JSONResponse({"error": f"cannot add that adapter: {e}"}, status_code=400)
+    return JSONResponse({"added": model.tag.name, "models": sorted(svc.adapters.predictors)})
+
+
 v1_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]), Route("/models", _models, methods=["GET"]),
+                           Route("/admin/adapters", _admin_adapters, methods=["POST"]),
+                           Route("/admin/adapters/{name}", _admin_adapters, methods=["DELETE"]),
                            Route("/predict_batch_npz", _predict_batch_npz, methods=["POST"])])
 
 

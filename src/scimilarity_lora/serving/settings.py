@@ -20,6 +20,7 @@ class Settings:
     model_tag: str = "scimilarity_lora:latest"  # a merged model, or a base (scimilarity_base:...) to serve adapters
     adapters: tuple[str, ...] = ()      # adapters of that base to serve (default: all of them in the store)
     default_model: str | None = None    # the adapter that requests without "model" go to (default: first by name)
+    admin_token: str | None = None      # enables /v1/admin/adapters (add/remove adapters while serving)
     max_genes: int = 40_000            # genes per cell / per sparse block
     max_cells: int = 10_000            # cells per request
     max_nnz: int = 5_000_000           # non-zeros per request
@@ -38,6 +39,7 @@ class Settings:
             model_tag=os.environ.get("SCIMILARITY_LORA_MODEL", cls.model_tag),
             adapters=tuple(a for a in os.environ.get("SCIMILARITY_LORA_ADAPTERS", "").split(",") if a),
             default_model=os.environ.get("SCIMILARITY_LORA_DEFAULT_MODEL") or None,
+            admin_token=os.environ.get("SCIMILARITY_LORA_ADMIN_TOKEN") or None,
             max_genes=_int("SCIMILARITY_LORA_MAX_GENES", cls.max_genes),
             max_cells=_int("SCIMILARITY_LORA_MAX_CELLS", cls.max_cells),
             max_nnz=_int("SCIMILARITY_LORA_MAX_NNZ", cls.max_nnz),
