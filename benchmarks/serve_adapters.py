@@ -85,8 +85,7 @@ def make_adapters(home: Path, run: Path, n: int) -> str:
 
     _, base = export_adapter(run, "a0")
     src = Path(bentoml.models.get("a0:latest").path)
-    weights = load_file(src / "model" / "adapter" / "adapter_model.safetensors") if (src / "model").exists() else \
-        load_file(src / "adapter" / "adapter_model.safetensors")
+    weights = load_file(src / "adapter" / "adapter_model.safetensors")  # an adapter model holds its run's model/
     g = torch.Generator().manual_seed(0)
     for k in range(1, n):
         with bentoml.models.create(f"a{k}", labels={"kind": "adapter", "base": base.split(":")[1]},

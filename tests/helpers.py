@@ -71,3 +71,48 @@ def make_predictor(n_genes_or_genes, latent: int = 8, hidden: list[int] | None =
 
     torch.manual_seed(seed)
     return CellTypePredictor(CellClassifier.build(config, len(classes)), spec)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_bentoml(env: dict, log_path: Path, timeout_s: float = 120) -> tuple[subprocess.Popen, str, int]:
+    """A real ``bentoml serve`` on 127.0.0.1 from the repository root; returns (process, base URL, port) once
+    /readyz answers, or raises with the end of its log."""
+    import signal
+    import time
+
+    import requests
+
+    port = free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url, port
+        except requests.RequestException:  # not listening yet, or busy starting
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(Path(log_path).read_text()[-3000:])
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError("bentoml serve did not become ready:\n" + Path(log_path).read_text()[-3000:])
+
+
+def stop_bentoml(proc: subprocess.Popen) -> None:
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -158,7 +158,8 @@ def test_the_packaged_demo_base_is_pretrained_small_and_has_its_provenance():
     provenance = json.loads((folder / "provenance.json").read_text())
     assert provenance["weights_sha256"] == state_dict_hash(base.encoder.state_dict())
     assert provenance["command"].startswith("python pretrain.py ")
-    assert all(len(f["sha256"]) == 64 for f in provenance["inputs"])
+    assert all(len(f["sha256"]) == 64 and f["origin"] and f["study"] for f in provenance["inputs"])
+    assert "../" not in json.dumps(provenance)  # names its sources itself, not a folder users do not have
     retention = provenance["retention"]
     assert retention["pretrained"]["knn_accuracy"] > retention["random (same architecture)"]["knn_accuracy"]
 

@@ -250,3 +250,17 @@ def test_killed_pretraining_resumes_exactly(tmp_path):
         assert rb["val/loss"] == pytest.approx(ra["val/loss"], abs=1e-6)
     for epoch in (0, 2):  # epoch 1's train loss is averaged over the batches each process ran
         assert b["history"][epoch]["train/loss"] == pytest.approx(a["history"][epoch]["train/loss"], abs=1e-6)
+
+
+def test_each_pretraining_epoch_draws_its_own_class_balanced_batches(tmp_path):
+    """The batch sampler learns the epoch from the training callbacks (Lightning sets samplers' epochs only)."""
+    import epoch_recorder
+
+    from scimilarity_lora.training.pretrain_run import run_pretraining
+
+    epoch_recorder.SEEN.clear()
+    run_pretraining(compose_pretrain(SMALL + ["trainer.max_epochs=2", "data.batch_size=128",
+                                              "+callbacks.rec._target_=epoch_recorder.FirstBatchPerEpoch"], tmp_path))
+    (e0, labels0), (e1, labels1) = epoch_recorder.SEEN
+    assert (e0, e1) == (0, 1)
+    assert labels0 != labels1  # another order (labels of the first batch, class-balanced part first)

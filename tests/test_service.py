@@ -3,28 +3,20 @@
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from helpers import FAST, REPO, compose_train
+from helpers import FAST, REPO, compose_train, start_bentoml, stop_bentoml
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.training.run import run
 
 BODY_CAP = 300_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,31 +29,10 @@ def served(tmp_path_factory):
     tag = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(root / "run")], env=env, cwd=REPO,
                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     env["SCIMILARITY_LORA_MODEL"] = tag
-    port = free_port()
-    log = open(root / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:  # not listening yet, or busy starting
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError((root / "serve.log").read_text()[-3000:])
-        time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise RuntimeError("bentoml serve did not become ready:\n" + (root / "serve.log").read_text()[-3000:])
+    proc, url, port = start_bentoml(env, root / "serve.log")
     yield {"url": url, "tag": tag, "predictor": CellTypePredictor.load(root / "run" / "model"), "port": port,
            "log": root / "serve.log"}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_bentoml(proc)
 
 
 def post(served, route, payload=None, data=None, timeout=30):

@@ -1,21 +1,17 @@
 """One `bentoml serve` answering for several adapters (different label sets) over one base, driven over HTTP."""
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
 
-from helpers import REPO, compose_train
+from helpers import REPO, compose_train, start_bentoml, stop_bentoml
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.training.run import run
-from test_service import free_port
 
 RUNS = {"pbmc_bulk": ["lora.r=4", "data.label_key=bulk_labels"],
         "pbmc_louvain": ["lora.r=8", "lora.target_modules=input", "data.label_key=louvain"]}
@@ -34,30 +30,9 @@ def served(tmp_path_factory):
                               "--name", name], env=env, cwd=REPO, capture_output=True, text=True, check=True)
         base = out.stdout.strip().splitlines()[-1].split("(base ")[1].rstrip(")")
     env.update(SCIMILARITY_LORA_MODEL=base, SCIMILARITY_LORA_ADAPTERS=",".join(RUNS), SCIMILARITY_LORA_ADMIN_TOKEN=TOKEN)
-    port = free_port()
-    log = open(root / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError((root / "serve.log").read_text()[-3000:])
-        time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise RuntimeError("bentoml serve did not become ready:\n" + (root / "serve.log").read_text()[-3000:])
+    proc, url, _ = start_bentoml(env, root / "serve.log")
     yield {"url": url, "predictors": {n: CellTypePredictor.load(root / n / "model") for n in {**RUNS, **LATER}}}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_bentoml(proc)
 
 
 def cell(pbmc, i: int) -> dict:

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from scimilarity_lora.data.io import read_anndata
-from scimilarity_lora.evaluation.metrics import classification_report
+from scimilarity_lora.evaluation.metrics import classification_report, knn_transfer
 from scimilarity_lora.genes import align_genes, symbol_aliases
 from scimilarity_lora.labels import LabelEncoder
 from scimilarity_lora.model.encoder import Encoder
@@ -30,14 +30,6 @@ def embed(encoder: Encoder, genes: list[str], adata) -> np.ndarray:
     alignment = align_genes(list(adata.var_names), genes, aliases=symbol_aliases())
     x = Preprocessing()(alignment.apply(adata.X), output="auto")
     return encoder.eval()(x).numpy()
-
-
-def knn_transfer(ref_z, ref_y, query_z, k=15) -> np.ndarray:
-    ref = ref_z / np.linalg.norm(ref_z, axis=1, keepdims=True)
-    q = query_z / np.linalg.norm(query_z, axis=1, keepdims=True)
-    nn = np.argpartition(-(q @ ref.T), k - 1, axis=1)[:, :k]
-    votes = ref_y[nn]
-    return np.array([np.bincount(v, minlength=ref_y.max() + 1).argmax() for v in votes])
 
 
 def main() -> None:

@@ -17,6 +17,17 @@ import yaml
 from scimilarity_lora.model.folder import load_model_folder, save_model_folder, state_dict_hash
 
 BASES = Path(__file__).resolve().parents[2] / "src" / "scimilarity_lora" / "resources" / "bases"
+#: where each input file comes from (the package must say so itself: users do not have the folder the files sat in)
+ORIGINS = {
+    "mudan_sorted_pbmc": ("JEFworks/MUDAN @3636ed2f, data/referenceCounts.rda + referenceAnnot.rda",
+                          "Zheng et al. 2017, Nat Commun 8:14049: 9 FACS-sorted PBMC populations (10x)"),
+    "mudan_pbmcA_unlabelled": ("JEFworks/MUDAN @3636ed2f, data/pbmcA.rda",
+                               "Zheng et al. 2017: frozen PBMCs of donor A (pbmc68k_reduced: fresh PBMCs, same donor)"),
+    "pbmc_3chem_unlabelled": ("baj12/scWGParis @4a3ea760, data/1k_PBMC_v2_filt.rds, 1k_PBMC_v3_filt.rds, "
+                              "5prime_PBMC_filt_1kcells.rds", "10x Genomics public PBMC 1k datasets (3' v2, 3' v3, 5')"),
+    "kang_ifnb_unlabelled": ("immunogenomics/harmony @df19af23, data/pbmc_stim.RData",
+                             "Kang et al. 2018, Nat Biotechnol 36:89: control and IFN-beta stimulated PBMCs"),
+}
 
 
 def main() -> None:
@@ -38,8 +49,10 @@ def main() -> None:
         "gene_order_command": "python experiments/pretrained_base/demo_gene_order.py "
                               "experiments/pretrained_base/demo_gene_order.tsv",
         "weights_sha256": state_dict_hash(encoder.state_dict()),
-        "inputs": [{k: f[k] for k in ("path", "sha256", "n_cells", "n_overlap")} for f in metrics["inputs"]],
-        "inputs_provenance": "../shared/data/real/README.md (not part of the package)",
+        "inputs": [_input(f) for f in metrics["inputs"]],
+        "inputs_note": "raw UMI counts converted to .h5ad from the repositories named (R objects -> AnnData, values "
+                       "unchanged); pretrain.py reads them from the folder data=pretrain_real_pbmc names "
+                       "(SCIMILARITY_REAL_DATA)",
         "n_cells": metrics["n_cells"],
         "epochs": metrics["epochs_trained"],
         "train_seconds": metrics["train_seconds"],
@@ -52,6 +65,13 @@ def main() -> None:
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     print(f"{out}: {sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB")
+
+
+def _input(f: dict) -> dict:
+    name = Path(f["path"]).stem
+    origin, study = ORIGINS[name]
+    return {"file": f"{name}.h5ad", "sha256": f["sha256"], "n_cells": f["n_cells"], "genes_present": f["n_overlap"],
+            "origin": origin, "study": study}
 
 
 if __name__ == "__main__":

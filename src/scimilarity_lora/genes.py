@@ -79,6 +79,13 @@ def symbol_aliases() -> dict[str, str]:
 
 
 def gene_positions(genes: Sequence[str]) -> dict[str, int]:
+    """Gene -> input column. Cached per gene order, so the many models over one base (and every alignment against
+    the same order) share one read-only dict."""
+    return _positions(tuple(genes))
+
+
+@lru_cache(maxsize=16)
+def _positions(genes: tuple[str, ...]) -> dict[str, int]:
     return {g: i for i, g in enumerate(genes)}
 
 

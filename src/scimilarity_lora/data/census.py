@@ -214,9 +214,13 @@ class CensusDataModule(CellDataModule):
                  self.obs_value_filter, [len(v) for v in self.split_joinids.values()], len(self.labels),
                  self.alignment.n_overlap, len(self.gene_order))
 
+    def _obs_columns(self, names: set[str]) -> list[str]:
+        """The obs columns read for the slice (``names``: those the store has)."""
+        return ["soma_joinid", self.label_key] + ([self.donor_key] if self.donor_key else [])
+
     def _obs(self, exp) -> pd.DataFrame:
-        columns = ["soma_joinid", self.label_key] + ([self.donor_key] if self.donor_key else [])
         names = set(exp.obs.schema.names)
+        columns = self._obs_columns(names)
         missing = [c for c in columns if c not in names]
         if missing:
             raise LabelError(f"obs columns {missing} not in the Census obs; available: {sorted(names)}")

@@ -25,13 +25,14 @@ class CensusPretrainDataModule(CensusDataModule):
         self.ontology_key = ontology_key
         self.observed_terms: dict[str, str] = {}
 
+    def _obs_columns(self, names: set[str]) -> list[str]:
+        extra = [self.ontology_key] if self.ontology_key and self.ontology_key in names else []
+        return super()._obs_columns(names) + extra
+
     def _obs(self, exp) -> pd.DataFrame:
         obs = super()._obs(exp)
-        if self.ontology_key and self.ontology_key in set(exp.obs.schema.names):
-            terms = exp.obs.read(value_filter=self.obs_value_filter,
-                                 column_names=["soma_joinid", self.ontology_key]).concat().to_pandas()
-            pairs = obs[["soma_joinid", self.label_key]].merge(terms, on="soma_joinid")
-            self.observed_terms = (pairs.groupby(self.label_key)[self.ontology_key]
+        if self.ontology_key in obs.columns:  # read with the labels, in the same pass over obs
+            self.observed_terms = (obs.groupby(self.label_key)[self.ontology_key]
                                    .agg(lambda s: s.mode()[0]).astype(str).to_dict())
         return obs
 

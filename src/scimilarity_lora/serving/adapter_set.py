@@ -20,7 +20,7 @@ from scimilarity_lora.inference.multi import read_adapter
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.model.classifier import CellClassifier
 from scimilarity_lora.model.folder import load_model_folder
-from scimilarity_lora.model.multi_adapter import MultiAdapterClassifier
+from scimilarity_lora.model.multi_adapter import AdapterError, MultiAdapterClassifier
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class AdapterSet:
 
     def add(self, name: str, path: str, tag: str = "") -> None:
         adapter, spec = read_adapter(path, name, base_sha256=self.sha256)
+        if list(spec.genes) != self.genes:
+            raise AdapterError(f"adapter {name!r} lists another gene order than its base")
+        spec.genes = self.genes  # one copy of the base's gene list for every adapter
         classifier = CellClassifier(self.multi.base, adapter.head)
         self.predictors[name] = CellTypePredictor(classifier, spec, read_model_config(path), Calibration.load(path))
         self.multi.add(adapter)

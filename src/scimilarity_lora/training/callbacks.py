@@ -69,7 +69,9 @@ class MetricsHistory(L.Callback):
 
 
 class SetDatasetEpoch(L.Callback):
-    """Before each training epoch, tell an iterable train dataset which epoch it is (for its shuffle).
+    """Before each training epoch, tell the train data which epoch it is (for its shuffle): an iterable train
+    dataset (the Census stream), or a batch sampler (pretraining's class-balanced batches), which Lightning itself
+    does not reach (it sets the epoch of samplers only).
 
     Lightning creates the epoch's iterator (and its workers) after ``on_train_epoch_start`` for epochs > 0.
     """
@@ -77,8 +79,10 @@ class SetDatasetEpoch(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule is not None else None
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(trainer.current_epoch)
+        batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        for part in (dataset, batch_sampler):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(trainer.current_epoch)
 
 
 class RestoreRNGState(L.Callback):

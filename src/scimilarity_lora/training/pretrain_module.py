@@ -59,11 +59,6 @@ class PretrainModule(L.LightningModule):
         lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else 1.0
         return self.hparams["l1"] * sum(p.abs().sum() for p in first.parameters()) * lr
 
-    def on_train_epoch_start(self) -> None:
-        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
-        if hasattr(sampler, "set_epoch"):  # class-balanced batches reshuffled per (seed, epoch)
-            sampler.set_epoch(self.current_epoch)
-
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.losses(batch)
         n = len(batch[1])
