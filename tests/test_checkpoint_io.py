@@ -41,13 +41,15 @@ def test_lightning_trainer_uses_it(tmp_path):
 
 
 def test_lora_checkpoints_hold_the_adapter_not_the_base(tmp_path):
-    """With a frozen base a checkpoint is adapter-sized; it reloads (resume, export) with the recorded base, and
-    refuses a base whose weights changed."""
+    """With a frozen base a checkpoint is adapter-sized: no base weights, no gene list (its hash instead), and the
+    best checkpoint gives way to model/ once the run is done; it reloads (resume, export) with the recorded base,
+    and refuses a base whose weights or gene order changed."""
     import json
 
     import torch
     from helpers import compose_train
 
+    from scimilarity_lora.genes import read_gene_order, write_gene_order
     from scimilarity_lora.model.folder import ModelFolderError, load_model_folder, save_model_folder
     from scimilarity_lora.training.checkpoint_io import classifier_from_checkpoint
     from scimilarity_lora.training.run import run
@@ -58,19 +60,56 @@ def test_lora_checkpoints_hold_the_adapter_not_the_base(tmp_path):
         run(compose_train(["model=tiny", "model.gene_order=scimilarity", "trainer.max_epochs=1",
                            "trainer.enable_progress_bar=false", f"finetune={mode}"], out))
         best = json.loads((out / "metrics.json").read_text())["best_checkpoint"]
-        sizes[mode] = Path(best).stat().st_size
-        ckpt = torch.load(best, map_location="cpu", weights_only=True)
+        assert (best is None) == (mode == "lora")  # full mode keeps whole checkpoints
+        assert [p.name for p in (out / "checkpoints").glob("epoch*.ckpt")] == ([] if mode == "lora" else [Path(best).name])
+        last = out / "checkpoints" / "last.ckpt"
+        sizes[mode] = last.stat().st_size
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
         base_keys = [k for k in ckpt["state_dict"] if k.startswith("model.encoder.") and "lora_" not in k]
         assert (base_keys == []) == (mode == "lora") and ("base_sha256" in ckpt) == (mode == "lora")
+        genes = ckpt["hyper_parameters"]["gene_order"]
+        assert (genes is None) == (mode == "lora") and ("gene_order_sha256" in ckpt) == (mode == "lora")
     assert sizes["lora"] < 0.5 * sizes["full"], sizes
 
     lora = tmp_path / "lora"
-    best = json.loads((lora / "metrics.json").read_text())["best_checkpoint"]
-    module = classifier_from_checkpoint(best)  # the base comes back from <run>/base
+    last = lora / "checkpoints" / "last.ckpt"
+    module = classifier_from_checkpoint(last)  # the base and its gene order come back from <run>/base
+    assert module.hparams["gene_order"] == read_gene_order(lora / "model" / "gene_order.tsv")
+    assert len(module.hparams["gene_order"]) == 28231
     assert module.encoder.base_model.model.network[0][1].base_layer.weight.abs().sum() > 0
     encoder, genes = load_model_folder(lora / "base")
+    write_gene_order(genes[::-1], lora / "base" / "gene_order.tsv")
+    with pytest.raises(ModelFolderError, match="another gene order"):
+        classifier_from_checkpoint(last)
     with torch.no_grad():
         encoder.network[0][1].weight[0, 0] += 1.0
     save_model_folder(encoder, genes, lora / "base")
     with pytest.raises(ModelFolderError, match="not the same base"):
-        classifier_from_checkpoint(best)
+        classifier_from_checkpoint(last)
+
+
+def test_a_finished_run_trained_further_without_improving_keeps_its_best_from_model_dir(tmp_path, caplog):
+    """The best checkpoint of a finished LoRA run is gone (model/ holds it). Training on from last.ckpt with epochs
+    that do not beat it (lr 0) must test and keep those same weights, not the last ones or nothing."""
+    import json
+
+    from helpers import compose_train
+    from safetensors.torch import load_file
+
+    from scimilarity_lora.training.run import run
+
+    common = ["model=tiny", "trainer.enable_progress_bar=false", "callbacks.early_stopping=null"]
+    run(compose_train(common + ["trainer.max_epochs=2"], tmp_path))
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    adapter = load_file(tmp_path / "model" / "adapter" / "adapter_model.safetensors")
+    (tmp_path / "metrics.json").unlink()
+    with caplog.at_level("INFO", logger="scimilarity_lora.training.run"):
+        run(compose_train(common + ["trainer.max_epochs=3", "model.classifier.optimizer.lr=0.0", "ckpt_path=last"],
+                          tmp_path))
+    assert "the best epoch is still the one in" in caplog.text
+    second = json.loads((tmp_path / "metrics.json").read_text())
+    assert second["epochs_trained"] == 3 and second["resumed_from_step"] == first["global_step"]
+    assert second["test/accuracy"] == first["test/accuracy"] and second["val/macro_f1"] == first["val/macro_f1"]
+    again = load_file(tmp_path / "model" / "adapter" / "adapter_model.safetensors")
+    assert again.keys() == adapter.keys() and all(torch.equal(again[k], adapter[k]) for k in adapter)
+    assert list((tmp_path / "checkpoints").glob("epoch*.ckpt")) == []

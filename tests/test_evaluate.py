@@ -64,7 +64,7 @@ def test_recorded_base_equals_the_lora_model_with_its_adapter_disabled(sweep):
     """Training saves the stand-in base (no RNG replay): reloaded, it is the LoRA model minus its adapter."""
     run = sweep[0] / "0"
     metrics = json.loads((run / "metrics.json").read_text())
-    module = classifier_from_checkpoint(metrics["best_checkpoint"])
+    module = classifier_from_checkpoint(run / "checkpoints" / "last.ckpt")
     predictor = CellTypePredictor.load(run / "model")
     assert predictor.spec.base["sha256"] == metrics["base_model"]["sha256"] and (run / "base" / "encoder.ckpt").is_file()
     base = base_encoder(run, predictor.spec).eval()

@@ -41,7 +41,8 @@ def test_run_dir_contents(trained_run, pbmc):
     assert 0 < metrics["seconds_to_first_batch"] and metrics["global_step"] == 4 * 4
     assert metrics["gene_overlap"]["n_overlap"] == 765
     assert metrics["finetune"]["mode"] == "lora" and metrics["finetune"]["r"] == 4
-    assert len(list((out / "checkpoints").glob("epoch*.ckpt"))) == 1
+    # adapter-sized: the best checkpoint's tensors are model/'s, so only last.ckpt (for training further) stays
+    assert list((out / "checkpoints").glob("epoch*.ckpt")) == [] and metrics["best_checkpoint"] is None
     assert (out / "checkpoints" / "last.ckpt").is_file()
     for name in ("model_config.json", "gene_order.tsv", "head.safetensors",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
@@ -87,10 +88,12 @@ def test_splits_are_disjoint_and_recorded(trained_run, pbmc):
 
 
 def test_checkpoint_is_self_contained_and_reproduces_predictions(trained_run, pbmc):
-    """The best checkpoint, the exported model dir and the reported test accuracy all agree."""
+    """A checkpoint with model/'s trained weights, the exported model dir and the reported test accuracy all
+    agree (model/ is the best checkpoint; last.ckpt brings the module, its hyperparameters and its base)."""
     out, _ = trained_run
     metrics = json.loads((out / "metrics.json").read_text())
-    module = classifier_from_checkpoint(metrics["best_checkpoint"])
+    module = classifier_from_checkpoint(out / "checkpoints" / "last.ckpt")
+    module.load_trained_weights(out / "model")
     hp = module.hparams
     assert hp["classes"] == sorted(pbmc.obs["bulk_labels"].unique()) and len(hp["gene_order"]) == 765
     assert hp["preprocessing"] == {"target_sum": 10000.0, "input_is_log1p": False}

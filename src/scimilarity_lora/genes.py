@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -91,6 +92,11 @@ def _positions(genes: tuple[str, ...]) -> dict[str, int]:
 
 def write_gene_order(genes: Sequence[str], path: str | Path) -> None:
     Path(path).write_text("\n".join(genes) + "\n")
+
+
+def gene_order_hash(genes: Sequence[str]) -> str:
+    """sha256 of a gene order as ``gene_order.tsv`` holds it: lets a file that omits the list name it."""
+    return hashlib.sha256(("\n".join(genes) + "\n").encode()).hexdigest()
 
 
 @dataclass(frozen=True)

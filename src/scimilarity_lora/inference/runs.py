@@ -55,16 +55,23 @@ def load_recorded_base(run_dir: str | Path, base: dict, genes: Sequence[str] | N
     """The encoder a run fine-tuned from, as training recorded it (``base``: path and sha256 of its weights).
     The one place evaluation, export and checkpoint reloading get it; refuses a folder that is gone, has another
     gene order, or whose weights differ from the recorded ones (naming both hashes)."""
+    encoder, folder_genes = recorded_base(run_dir, base)
+    if genes is not None and list(folder_genes) != list(genes):
+        raise ModelFolderError(f"the base encoder at {base_folder(run_dir, base)} has another gene order than the "
+                               "trained model")
+    return encoder
+
+
+def recorded_base(run_dir: str | Path, base: dict) -> tuple[Encoder, list[str]]:
+    """:func:`load_recorded_base` with the folder's gene order (for files that record only its hash)."""
     folder = base_folder(run_dir, base)
     if not folder.is_dir():
         raise ModelFolderError(f"the base encoder of {run_dir} was at {folder}, which is gone")
     encoder, folder_genes = load_model_folder(folder)
-    if genes is not None and list(folder_genes) != list(genes):
-        raise ModelFolderError(f"the base encoder at {folder} has another gene order than the trained model")
     expected = base.get("sha256")
     if expected:
         found = state_dict_hash(encoder.state_dict())
         if found != expected:
             raise ModelFolderError(f"the base encoder at {folder} has weights sha256 {found[:16]}..., but the model "
                                    f"was fine-tuned from {expected[:16]}...: not the same base")
-    return encoder
+    return encoder, list(folder_genes)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from scimilarity_lora.genes import gene_order_hash
 from scimilarity_lora.model.folder import ModelFolderError
 
 if TYPE_CHECKING:
@@ -63,8 +64,13 @@ def classifier_from_checkpoint(path: str | Path) -> "CellTypeClassifier":
         raise ModelFolderError(f"{path} is not a scimilarity-lora Lightning checkpoint")
     hp = dict(ckpt["hyper_parameters"])
     hp.pop("base_state_dict", None)
-    if "base_sha256" in ckpt:  # adapter-sized: the frozen base is reloaded from where training recorded it
-        hp["base_state_dict"] = _recorded_base(Path(path), hp.get("base") or {}, ckpt["base_sha256"])
+    if "base_sha256" in ckpt:  # adapter-sized: the frozen base (and its gene order) come from where training recorded it
+        encoder, genes = _recorded_base(Path(path), hp.get("base") or {}, ckpt["base_sha256"])
+        hp["base_state_dict"] = encoder.state_dict()
+        if hp.get("gene_order") is None:
+            if gene_order_hash(genes) != ckpt.get("gene_order_sha256"):
+                raise ModelFolderError(f"the base recorded by {path} now has another gene order than it was trained on")
+            hp["gene_order"] = genes
     try:
         model = CellTypeClassifier(**hp)
     except TypeError as e:
@@ -77,8 +83,8 @@ def classifier_from_checkpoint(path: str | Path) -> "CellTypeClassifier":
     return model.eval()
 
 
-def _recorded_base(ckpt_path: Path, base: dict, sha256: str) -> dict:
-    """The frozen base's weights for an adapter-sized checkpoint (checkpoints live in ``<run dir>/checkpoints``)."""
-    from scimilarity_lora.inference.runs import load_recorded_base
+def _recorded_base(ckpt_path: Path, base: dict, sha256: str) -> tuple[torch.nn.Module, list[str]]:
+    """The frozen base and its gene order for an adapter-sized checkpoint (in ``<run dir>/checkpoints``)."""
+    from scimilarity_lora.inference.runs import recorded_base
 
-    return load_recorded_base(ckpt_path.parent.parent, {**base, "sha256": sha256}).state_dict()
+    return recorded_base(ckpt_path.parent.parent, {**base, "sha256": sha256})

@@ -10,6 +10,7 @@ in the run's resolved config instead.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
@@ -24,7 +25,8 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from scimilarity_lora.inference.artifact import ModelSpec
+from scimilarity_lora.genes import gene_order_hash
+from scimilarity_lora.inference.artifact import ADAPTER_DIR, HEAD_FILE, ModelSpec, load_safetensors
 from scimilarity_lora.model.adapters import (
     FinetuneConfig,
     base_is_frozen,
@@ -140,6 +142,10 @@ class CellTypeClassifier(L.LightningModule):
         for key in self.base_keys():
             state.pop(key, None)
         checkpoint["base_sha256"] = (self.hparams.get("base") or {}).get("sha256")
+        # the gene list is the base's (300 KB for SCimilarity's 28,231 genes, a quarter of an r=8 adapter): the
+        # checkpoint keeps its hash, and reloading takes the list from the recorded base folder
+        checkpoint["hyper_parameters"]["gene_order"] = None
+        checkpoint["gene_order_sha256"] = gene_order_hash(self.hparams["gene_order"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming an adapter-sized checkpoint: the base comes from this module, which must be the same base."""
@@ -152,6 +158,20 @@ class CellTypeClassifier(L.LightningModule):
                                    f"{str(ours)[:16]}...: not the same base")
         current = self.state_dict()
         checkpoint["state_dict"] = {**{k: current[k] for k in self.base_keys()}, **checkpoint["state_dict"]}
+
+    def load_trained_weights(self, model_dir: str | Path) -> None:
+        """Put a model directory's adapter and head (what this run trains) back into this module."""
+        folder = Path(model_dir)
+        adapter = folder / ADAPTER_DIR / "adapter_model.safetensors"
+        if adapter.is_file():
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.encoder, load_safetensors(adapter))
+            if [k for k in result.missing_keys if "lora_" in k] or result.unexpected_keys:
+                raise ModelFolderError(f"{adapter} does not fit this run's adapter")
+        elif self.finetune.mode == "lora":
+            raise ModelFolderError(f"{folder} holds no adapter to restore")
+        self.head.load_state_dict(load_safetensors(folder / HEAD_FILE))
 
     def spec(self) -> ModelSpec:
         """What the model directory records besides weights (see :mod:`scimilarity_lora.inference.artifact`)."""

@@ -185,14 +185,20 @@ def run(cfg: DictConfig) -> float | None:
         train_seconds = time.perf_counter() - t0
         checkpoint = trainer.checkpoint_callback
         best_path = checkpoint.best_model_path if checkpoint is not None else ""
+        if best_path and not Path(best_path).is_file():
+            best_path = _restore_earlier_best(model, out, best_path)
         trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
+        keep_best = bool(best_path) and (model.stores_base() or bool(cfg.get("keep_best_checkpoint")))
         metrics = _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, identity,
                                    history)
+        metrics["best_checkpoint"] = best_path if keep_best else None
         metrics["tags"] = list(cfg.get("tags") or [])
         metrics["lora_unseen_genes_frozen"] = frozen_genes
         metrics["wandb_group"] = _sweep_group(cfg)
         if trainer.is_global_zero:
             _write_outputs(out, cfg, model, datamodule, best_path, metrics, history)
+            if best_path and not keep_best:  # model/ now holds these weights, in peft's format
+                Path(best_path).unlink()
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if trainer.is_global_zero:
@@ -210,6 +216,16 @@ def _sweep_group(cfg: DictConfig) -> str | None:
         return None
 
 
+def _restore_earlier_best(model: Any, out: Path, best_path: str) -> str:
+    """A finished run trained further (``ckpt_path=last``) whose new epochs never beat its best: that best was
+    written to ``model/`` and its checkpoint removed, so the weights to test and keep come from there."""
+    if not (out / MODEL_DIR).is_dir():
+        raise FileNotFoundError(f"the best checkpoint {best_path} is gone and {out / MODEL_DIR} does not hold it")
+    log.info("the best epoch is still the one in %s (its checkpoint was removed when the run finished)", out / MODEL_DIR)
+    model.load_trained_weights(out / MODEL_DIR)
+    return ""
+
+
 def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_seconds, speed, identity,
                      history) -> dict[str, Any]:
     metrics: dict[str, Any] = {
@@ -218,7 +234,6 @@ def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_secon
     metrics["test/per_class_f1"] = model.test_results.get("per_class_f1", {})
     best = checkpoint.best_model_score if checkpoint is not None else None
     metrics["val/macro_f1"] = float(best) if best is not None else float(trainer.callback_metrics.get("val/macro_f1", np.nan))
-    metrics["best_checkpoint"] = checkpoint.best_model_path if checkpoint is not None else None
     metrics["epochs_trained"] = int(trainer.current_epoch)
     metrics["global_step"] = int(trainer.global_step)
     metrics["resumed_from_step"] = history.start_step
