@@ -1,9 +1,15 @@
-"""Shared by the benchmark scripts: writing the result JSON, and real PBMC request bodies for the service."""
+"""Shared by the benchmark (and demo) scripts: writing the result JSON, real PBMC request bodies for the service,
+and starting / stopping a real `bentoml serve` on 127.0.0.1."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +51,41 @@ def pbmc_request_bodies(batch_cells: int, top_k: int | None = None,
             body["top_k"] = top_k
         batches.append(json.dumps(body).encode())
     return singles, batches
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(env: dict, port: int, log: Path, timeout_s: float = 300) -> subprocess.Popen:
+    """`bentoml serve` from the repo root in its own process group, returned once ``/readyz`` answers 200."""
+    import requests
+
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                time.sleep(2)
+                return proc
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(Path(log).read_text()[-3000:])
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError("server did not become ready: " + Path(log).read_text()[-2000:])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

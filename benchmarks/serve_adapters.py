@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,10 +27,7 @@ import numpy as np
 import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import pbmc_request_bodies, write_result  # noqa: E402
-from serve_load import free_port  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from _common import REPO, free_port, pbmc_request_bodies, serve, stop, write_result  # noqa: E402
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -46,32 +42,6 @@ def tree_rss_mb(pid: int) -> float:
         except psutil.NoSuchProcess:
             continue
     return total / 2**20
-
-
-def serve(env: dict, port: int, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                time.sleep(2)
-                return proc
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-3000:])
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError("server did not become ready")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def make_adapters(home: Path, run: Path, n: int) -> str:

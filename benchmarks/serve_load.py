@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,15 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import pbmc_request_bodies, write_result  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _common import REPO, free_port, pbmc_request_bodies, serve, write_result  # noqa: E402
 
 
 def start_server(run_dir: Path, home: Path, port: int) -> subprocess.Popen:
@@ -40,20 +32,7 @@ def start_server(run_dir: Path, home: Path, port: int) -> subprocess.Popen:
     tag = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(run_dir)], env=env, cwd=REPO,
                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     env["SCIMILARITY_LORA_MODEL"] = tag
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=REPO, env=env, stdout=open(home / "serve.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    import requests
-
-    for _ in range(240):
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError("server did not start: " + (home / "serve.log").read_text()[-2000:])
+    return serve(env, port, home / "serve.log", timeout_s=120)
 
 
 async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float, route: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ SHARED_REAL_DATA = REPO.parent / "shared" / "data" / "real"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# random stand-in bases go to one store per test session (paths.base_store), not the repository's outputs/bases;
+# tests that alter a stored base copy it first, since runs with the same seed and sizes share it
+os.environ.setdefault("SCIMILARITY_LORA_BASE_STORE", tempfile.mkdtemp(prefix="scimilarity_lora_bases_"))
 
 
 @pytest.fixture(scope="session")

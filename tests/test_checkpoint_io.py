@@ -57,8 +57,9 @@ def test_lora_checkpoints_hold_the_adapter_not_the_base(tmp_path):
     sizes = {}
     for mode in ("lora", "full"):
         out = tmp_path / mode
-        run(compose_train(["model=tiny", "model.gene_order=scimilarity", "trainer.max_epochs=1",
-                           "trainer.enable_progress_bar=false", f"finetune={mode}"], out))
+        run(compose_train(["model=tiny", "model.gene_order=scimilarity", "trainer.max_epochs=1",  # a store of
+                           "trainer.enable_progress_bar=false", f"finetune={mode}",  # its own: the base is altered
+                           f"paths.base_store={tmp_path / 'bases'}"], out))
         best = json.loads((out / "metrics.json").read_text())["best_checkpoint"]
         assert (best is None) == (mode == "lora")  # full mode keeps whole checkpoints
         assert [p.name for p in (out / "checkpoints").glob("epoch*.ckpt")] == ([] if mode == "lora" else [Path(best).name])
@@ -73,17 +74,19 @@ def test_lora_checkpoints_hold_the_adapter_not_the_base(tmp_path):
 
     lora = tmp_path / "lora"
     last = lora / "checkpoints" / "last.ckpt"
-    module = classifier_from_checkpoint(last)  # the base and its gene order come back from <run>/base
+    stored = Path(json.loads((lora / "metrics.json").read_text())["base_model"]["path"])
+    assert stored.parent == tmp_path / "bases" and not (lora / "base").exists()
+    module = classifier_from_checkpoint(last)  # the base and its gene order come back from the store
     assert module.hparams["gene_order"] == read_gene_order(lora / "model" / "gene_order.tsv")
     assert len(module.hparams["gene_order"]) == 28231
     assert module.encoder.base_model.model.network[0][1].base_layer.weight.abs().sum() > 0
-    encoder, genes = load_model_folder(lora / "base")
-    write_gene_order(genes[::-1], lora / "base" / "gene_order.tsv")
+    encoder, genes = load_model_folder(stored)
+    write_gene_order(genes[::-1], stored / "gene_order.tsv")
     with pytest.raises(ModelFolderError, match="another gene order"):
         classifier_from_checkpoint(last)
     with torch.no_grad():
         encoder.network[0][1].weight[0, 0] += 1.0
-    save_model_folder(encoder, genes, lora / "base")
+    save_model_folder(encoder, genes, stored)
     with pytest.raises(ModelFolderError, match="not the same base"):
         classifier_from_checkpoint(last)
 

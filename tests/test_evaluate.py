@@ -1,6 +1,7 @@
 """evaluate, annotate and summarize on a real 2-job multirun (LoRA and frozen linear probe)."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -66,7 +67,11 @@ def test_recorded_base_equals_the_lora_model_with_its_adapter_disabled(sweep):
     metrics = json.loads((run / "metrics.json").read_text())
     module = classifier_from_checkpoint(run / "checkpoints" / "last.ckpt")
     predictor = CellTypePredictor.load(run / "model")
-    assert predictor.spec.base["sha256"] == metrics["base_model"]["sha256"] and (run / "base" / "encoder.ckpt").is_file()
+    assert predictor.spec.base["sha256"] == metrics["base_model"]["sha256"]
+    stored = Path(metrics["base_model"]["path"])  # stored once for both jobs (same seed and sizes), not per run
+    assert (stored / "encoder.ckpt").is_file() and stored.name == metrics["base_model"]["sha256"][:16]
+    assert json.loads((sweep[0] / "1" / "metrics.json").read_text())["base_model"]["path"] == str(stored)
+    assert not (run / "base").exists()
     base = base_encoder(run, predictor.spec).eval()
     x = torch.rand(32, len(module.hparams["gene_order"])) * 3
     with torch.no_grad(), module.encoder.disable_adapter():
@@ -78,12 +83,18 @@ def test_evaluate_refuses_a_base_whose_weights_changed(sweep, tmp_path):
 
     from scimilarity_lora.model.folder import load_model_folder, save_model_folder
 
-    run = tmp_path / "run"
+    run, base = tmp_path / "run", tmp_path / "base"
     shutil.copytree(sweep[0] / "0", run)
-    encoder, genes = load_model_folder(run / "base")
+    metrics = json.loads((run / "metrics.json").read_text())
+    shutil.copytree(metrics["base_model"]["path"], base)  # the sweep's stored base stays as it was
+    for name in ("metrics.json", "model/model_config.json"):
+        record = json.loads((run / name).read_text())
+        record["base_model" if name == "metrics.json" else "base"]["path"] = str(base)
+        (run / name).write_text(json.dumps(record))
+    encoder, genes = load_model_folder(base)
     with torch.no_grad():
         encoder.network[0][1].weight[0, 0] += 1e-3
-    save_model_folder(encoder, genes, run / "base")
+    save_model_folder(encoder, genes, base)
     from scimilarity_lora.model.folder import ModelFolderError
 
     with pytest.raises(ModelFolderError, match="sha256 .* not the same base"):

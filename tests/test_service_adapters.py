@@ -1,5 +1,6 @@
 """One `bentoml serve` answering for several adapters (different label sets) over one base, driven over HTTP."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import requests
 
+from conftest import SHARED_REAL_DATA
 from helpers import REPO, compose_train, start_bentoml, stop_bentoml
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.training.run import run
@@ -31,7 +33,8 @@ def served(tmp_path_factory):
         base = out.stdout.strip().splitlines()[-1].split("(base ")[1].rstrip(")")
     env.update(SCIMILARITY_LORA_MODEL=base, SCIMILARITY_LORA_ADAPTERS=",".join(RUNS), SCIMILARITY_LORA_ADMIN_TOKEN=TOKEN)
     proc, url, _ = start_bentoml(env, root / "serve.log")
-    yield {"url": url, "predictors": {n: CellTypePredictor.load(root / n / "model") for n in {**RUNS, **LATER}}}
+    yield {"url": url, "env": env,
+           "predictors": {n: CellTypePredictor.load(root / n / "model") for n in {**RUNS, **LATER}}}
     stop_bentoml(proc)
 
 
@@ -101,3 +104,41 @@ def test_adapters_are_added_and_removed_while_serving_with_the_admin_token(serve
     assert r.status_code == 200 and r.json()["models"] == ["pbmc_bulk", "pbmc_louvain"]
     r = requests.post(f"{url}/predict", json={"expression": cell(pbmc, 3), "model": "pbmc_frozen"}, timeout=30)
     assert r.status_code == 404
+
+
+@pytest.mark.skipif(not (SHARED_REAL_DATA / "mudan_sorted_pbmc.h5ad").is_file(),
+                    reason=f"real PBMC data not at {SHARED_REAL_DATA} (see its README for where to get it)")
+def test_an_adapter_for_the_sorted_pbmc_labels_joins_the_same_server(served, tmp_path):
+    """A third label set from another dataset (Zheng et al.'s 9 FACS-sorted populations) over the same base, added
+    while serving: its held-out cells, sent as raw counts, get that run's own test accuracy over HTTP."""
+    import anndata as ad
+    import pandas as pd
+
+    sorted_pbmc = SHARED_REAL_DATA / "mudan_sorted_pbmc.h5ad"
+    run(compose_train(["data=h5ad", f"data.path={sorted_pbmc}", "data.label_key=cell_type", "trainer.max_epochs=2",
+                       "trainer.enable_progress_bar=false"], tmp_path / "run"))
+    subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(tmp_path / "run"), "--adapter",
+                    "--name", "pbmc_sorted"], env=served["env"], cwd=REPO, capture_output=True, text=True, check=True)
+    admin, auth = f"{served['url']}/v1/admin/adapters", {"authorization": f"Bearer {TOKEN}"}
+    assert requests.post(admin, json={"model": "pbmc_sorted"}, headers=auth, timeout=60).status_code == 200
+    try:
+        listed = {m["name"]: m for m in requests.get(f"{served['url']}/v1/models", timeout=10).json()["models"]}
+        assert listed["pbmc_sorted"]["classes"] == ["bcells", "cytotoxict", "memoryt", "monocytes", "naivecytotoxic",
+                                                    "naivet", "nk", "regulatoryt", "thelper"]
+        adata = ad.read_h5ad(sorted_pbmc)
+        splits = pd.read_csv(tmp_path / "run" / "splits.csv")
+        cells = adata[adata.obs_names.isin(splits.loc[splits["split"] == "test", "cell_id"].astype(str))]
+        X = cells.X.tocsr()
+        body = {"sparse": {"genes": list(cells.var_names), "indptr": X.indptr.tolist(), "indices": X.indices.tolist(),
+                           "data": X.data.astype(int).tolist()}, "force_label": True, "top_k": 1}
+        answers = {}
+        for name in ("pbmc_sorted", "pbmc_bulk"):
+            r = requests.post(f"{served['url']}/predict_batch", json={**body, "model": name}, timeout=120)
+            assert r.status_code == 200, r.text
+            answers[name] = np.array([p["cell_type"] for p in r.json()["predictions"]])
+        metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        truth = cells.obs["cell_type"].astype(str).to_numpy()
+        assert float(np.mean(answers["pbmc_sorted"] == truth)) == pytest.approx(metrics["test/accuracy"], abs=1e-6)
+        assert set(answers["pbmc_bulk"]) <= set(served["predictors"]["pbmc_bulk"].classes)  # the other label set
+    finally:
+        assert requests.delete(f"{admin}/pbmc_sorted", headers=auth, timeout=30).status_code == 200

@@ -1,6 +1,8 @@
 """End-to-end training through the real Hydra config, Lightning Trainer and peft, on the bundled PBMC data."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -168,7 +170,10 @@ def test_the_random_stand_in_keeps_its_explicit_name_and_warning(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "BASE MODEL IS NOT SCIMILARITY" in res.stderr + res.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["base_model"]["is_pretrained"] is False and (tmp_path / "base").is_dir()
+    assert metrics["base_model"]["is_pretrained"] is False and not (tmp_path / "base").exists()
+    stored = Path(metrics["base_model"]["path"])  # kept once in paths.base_store, named by its weights' hash
+    assert stored.parent == Path(os.environ["SCIMILARITY_LORA_BASE_STORE"]).resolve()
+    assert stored.name == metrics["base_model"]["sha256"][:16] and (stored / "encoder.ckpt").is_file()
 
 
 @pytest.mark.slow

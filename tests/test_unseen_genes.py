@@ -41,7 +41,7 @@ def test_merged_first_layer_of_unseen_genes(policy, tmp_path):
                          f"lora.unseen_genes={policy}"], tmp_path)
     run(cfg)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    base, _ = load_model_folder(tmp_path / "base")
+    base, _ = load_model_folder(metrics["base_model"]["path"])
     w0 = base.network[0][1].weight.detach()
     from scimilarity_lora.inference.predictor import CellTypePredictor
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from scimilarity_lora.data.io import read_anndata
 from scimilarity_lora.inference.predictor import CellTypePredictor
-from scimilarity_lora.model.folder import load_model_folder
+from scimilarity_lora.evaluation.evaluate import base_encoder
 
 REAL_SETS = ["kang_ifnb_unlabelled", "pbmc_3chem_unlabelled", "mudan_pbmcA_unlabelled", "mudan_sorted_pbmc"]
 
@@ -26,8 +26,7 @@ REAL_SETS = ["kang_ifnb_unlabelled", "pbmc_3chem_unlabelled", "mudan_pbmcA_unlab
 def embedding_drift(run: Path, real: Path, max_cells: int = 2000) -> dict[str, float]:
     """Mean cosine similarity of base vs adapted embeddings of real cells (raw counts, all their genes)."""
     predictor = CellTypePredictor.load(run / "model")
-    base, _ = load_model_folder(run / "base")
-    base.eval()
+    base = base_encoder(run, predictor.spec).eval()
     out = {}
     for name in REAL_SETS:
         path = real / f"{name}.h5ad"
@@ -43,8 +42,9 @@ def embedding_drift(run: Path, real: Path, max_cells: int = 2000) -> dict[str, f
 
 
 def weight_drift(run: Path) -> dict[str, float]:
-    w0 = load_model_folder(run / "base")[0].network[0][1].weight.detach()
-    w1 = load_file(run / "model" / "encoder.safetensors")["network.0.1.weight"]
+    predictor = CellTypePredictor.load(run / "model")  # the adapter merged into the recorded base
+    w0 = base_encoder(run, predictor.spec).network[0][1].weight.detach()
+    w1 = predictor.classifier.encoder.network[0][1].weight.detach()
     seen = load_file(run / "model" / "adapter" / "seen_genes.safetensors")["seen_genes"].bool()
     d = w1 - w0
     return {"n_seen_genes": int(seen.sum()),

@@ -184,6 +184,33 @@ def save_model_folder(encoder: Encoder, genes: list[str], path: str | Path, safe
     return folder
 
 
+def stored_base_path(store: str | Path, sha256: str) -> Path:
+    """Where :func:`store_base_folder` keeps the base whose weights hash to ``sha256``."""
+    return Path(store).resolve() / sha256[:16]
+
+
+def store_base_folder(encoder: Encoder, genes: list[str], store: str | Path) -> Path:
+    """Keep a base once in a content-addressed store: ``<store>/<sha256 prefix of its weights>`` in SCimilarity's
+    format. Runs of a sweep that share a stand-in base share its one copy; concurrent writers (parallel sweep jobs)
+    each write a private folder and rename it into place, and whoever comes second discards theirs."""
+    import os
+    import shutil
+    import uuid
+
+    folder = stored_base_path(store, state_dict_hash(encoder.state_dict()))
+    if folder.is_dir():
+        return folder
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    save_model_folder(encoder, genes, tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def save_pretrained_folder(encoder: Encoder, decoder: torch.nn.Module, genes: list[str], classes: list[str],
                            path: str | Path, hyperparameters: dict | None = None) -> Path:
     """What SCimilarity's ``MetricLearning.save_all`` writes: the encoder folder plus ``decoder.ckpt``,

@@ -26,7 +26,7 @@ from scimilarity_lora.inference.runs import METRICS_FILE, MODEL_DIR, STAND_IN_BA
 from scimilarity_lora.model.adapters import FinetuneConfig, resolve_target_modules
 from scimilarity_lora.model.encoder import EncoderConfig
 from scimilarity_lora.model.folder import (DEFAULT_HIDDEN_DIM, PACKAGED_PREFIX, BaseModel, save_model_folder,
-                                          state_dict_hash)
+                                          state_dict_hash, store_base_folder, stored_base_path)
 from scimilarity_lora.preprocess import Preprocessing
 from scimilarity_lora.training.callbacks import MetricsHistory, RestoreRNGState, SetDatasetEpoch, TrainingSpeed
 from scimilarity_lora.training.calibrate import fit_calibration
@@ -78,18 +78,19 @@ def build_base(cfg: DictConfig, datamodule: Any) -> BaseModel:
         **arch, data_genes=datamodule.data_genes() if needs_data_genes else None)
 
 
-def base_identity(base: BaseModel) -> dict[str, Any]:
+def base_identity(base: BaseModel, base_store: str | None = None) -> dict[str, Any]:
     """What identifies the base: its weights' hash, and where to reload it: a pretrained folder's absolute path
-    (a packaged base keeps its ``packaged:<name>``, valid wherever the package is installed), or (``path`` null)
-    the stand-in's copy that the run saves as ``<run dir>/base``."""
+    (a packaged base keeps its ``packaged:<name>``, valid wherever the package is installed), a stand-in's folder
+    in ``paths.base_store`` (stored once per distinct weights), or (``path`` null, no store) the stand-in's copy
+    that the run saves as ``<run dir>/base``."""
+    sha256 = state_dict_hash(base.encoder.state_dict())
     if not base.is_pretrained:
-        path = None
+        path = str(stored_base_path(base_store, sha256)) if base_store else None
     elif base.source.startswith(PACKAGED_PREFIX):
         path = base.source
     else:
         path = str(Path(base.source).resolve())
-    return {"is_pretrained": base.is_pretrained, "source": base.source, "path": path,
-            "sha256": state_dict_hash(base.encoder.state_dict())}
+    return {"is_pretrained": base.is_pretrained, "source": base.source, "path": path, "sha256": sha256}
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> list[float]:
@@ -145,7 +146,7 @@ def run(cfg: DictConfig) -> float | None:
 
     datamodule = instantiate(cfg.data)
     base = build_base(cfg, datamodule)
-    identity = base_identity(base)
+    identity = base_identity(base, cfg.paths.get("base_store"))
     if finetune.mode == "lora":
         resolve_target_modules(finetune.target_modules, base.encoder.config)
     datamodule.gene_order = base.genes
@@ -176,8 +177,11 @@ def run(cfg: DictConfig) -> float | None:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **params})
-    if trainer.is_global_zero and not base.is_pretrained and not (out / STAND_IN_BASE_DIR).is_dir():
-        save_model_folder(base.encoder, base.genes, out / STAND_IN_BASE_DIR)
+    if trainer.is_global_zero and not base.is_pretrained:
+        if identity["path"]:
+            store_base_folder(base.encoder, base.genes, Path(identity["path"]).parent)
+        elif not (out / STAND_IN_BASE_DIR).is_dir():
+            save_model_folder(base.encoder, base.genes, out / STAND_IN_BASE_DIR)
 
     try:
         t0 = time.perf_counter()
