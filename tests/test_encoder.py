@@ -184,3 +184,23 @@ def test_a_safetensors_folder_loads_like_the_ckpt_one(tmp_path):
     (tmp_path / "st" / "encoder.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(ModelFolderError, match="corrupt or truncated"):
         load_model_folder(tmp_path / "st")
+
+
+def test_the_base_store_keeps_one_copy_per_weights_even_with_concurrent_writers(tmp_path):
+    """Parallel sweep jobs store the same stand-in at once: one folder results, named by the weights' hash, loadable,
+    with no temporary folders left; other weights get their own folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scimilarity_lora.model.folder import state_dict_hash, store_base_folder
+
+    torch.manual_seed(0)
+    encoder, genes = Encoder(30, 4, (8,)), [f"G{i}" for i in range(30)]
+    with ThreadPoolExecutor(6) as pool:
+        folders = set(pool.map(lambda _: store_base_folder(encoder, genes, tmp_path / "store"), range(6)))
+    sha = state_dict_hash(encoder.state_dict())
+    assert folders == {tmp_path / "store" / sha[:16]}
+    assert [p.name for p in (tmp_path / "store").iterdir()] == [sha[:16]]
+    loaded, loaded_genes = load_model_folder(tmp_path / "store" / sha[:16])
+    assert state_dict_hash(loaded.state_dict()) == sha and loaded_genes == genes
+    other = store_base_folder(Encoder(30, 4, (8,)), genes, tmp_path / "store")
+    assert other != folders.pop() and len(list((tmp_path / "store").iterdir())) == 2

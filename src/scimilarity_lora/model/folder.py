@@ -14,7 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pickle
+import shutil
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,10 +196,6 @@ def store_base_folder(encoder: Encoder, genes: list[str], store: str | Path) -> 
     """Keep a base once in a content-addressed store: ``<store>/<sha256 prefix of its weights>`` in SCimilarity's
     format. Runs of a sweep that share a stand-in base share its one copy; concurrent writers (parallel sweep jobs)
     each write a private folder and rename it into place, and whoever comes second discards theirs."""
-    import os
-    import shutil
-    import uuid
-
     folder = stored_base_path(store, state_dict_hash(encoder.state_dict()))
     if folder.is_dir():
         return folder
