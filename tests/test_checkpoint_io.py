@@ -50,6 +50,7 @@ def test_lora_checkpoints_hold_the_adapter_not_the_base(tmp_path):
     from helpers import compose_train
 
     from scimilarity_lora.genes import read_gene_order, write_gene_order
+    from scimilarity_lora.inference.artifact import read_model_dir
     from scimilarity_lora.model.folder import ModelFolderError, load_model_folder, save_model_folder
     from scimilarity_lora.training.checkpoint_io import classifier_from_checkpoint
     from scimilarity_lora.training.run import run
@@ -77,13 +78,15 @@ def test_lora_checkpoints_hold_the_adapter_not_the_base(tmp_path):
     stored = Path(json.loads((lora / "metrics.json").read_text())["base_model"]["path"])
     assert stored.parent == tmp_path / "bases" and not (lora / "base").exists()
     module = classifier_from_checkpoint(last)  # the base and its gene order come back from the store
-    assert module.hparams["gene_order"] == read_gene_order(lora / "model" / "gene_order.tsv")
+    assert module.hparams["gene_order"] == read_gene_order(stored / "gene_order.tsv")
     assert len(module.hparams["gene_order"]) == 28231
     assert module.encoder.base_model.model.network[0][1].base_layer.weight.abs().sum() > 0
     encoder, genes = load_model_folder(stored)
     write_gene_order(genes[::-1], stored / "gene_order.tsv")
     with pytest.raises(ModelFolderError, match="another gene order"):
         classifier_from_checkpoint(last)
+    with pytest.raises(ModelFolderError, match="another gene order"):  # the model dir names the order by hash too
+        read_model_dir(lora / "model")
     with torch.no_grad():
         encoder.network[0][1].weight[0, 0] += 1.0
     save_model_folder(encoder, genes, stored)

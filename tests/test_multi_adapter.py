@@ -35,7 +35,7 @@ def test_a_mixed_batch_equals_each_adapters_merged_model(runs, pbmc):
     base = load_recorded_base(runs["bulk_r4_all"], spec.base, spec.genes)
     multi = MultiAdapterClassifier(base)
     for name, d in runs.items():
-        adapter, _ = read_adapter(d / "model", name, base_sha256=spec.base["sha256"])
+        adapter, _ = read_adapter(d / "model", name, base_sha256=spec.base["sha256"], base_genes=spec.genes)
         multi.add(adapter)
     assert len(multi.adapters["louvain_r8_input"].updates) == 1 and multi.adapters["bulk_frozen"].updates == {}
     x = predictors["bulk_r4_all"].featurize(pbmc.raw.X[:90], predictors["bulk_r4_all"].alignment(
@@ -57,7 +57,7 @@ def test_unknown_names_and_foreign_adapters_are_refused(runs):
     spec = CellTypePredictor.load(runs["bulk_r4_all"] / "model").spec
     base = load_recorded_base(runs["bulk_r4_all"], spec.base, spec.genes)
     multi = MultiAdapterClassifier(base)
-    adapter, _ = read_adapter(runs["bulk_r4_all"] / "model", "a", base_sha256=spec.base["sha256"])
+    adapter, _ = read_adapter(runs["bulk_r4_all"] / "model", "a", base_sha256=spec.base["sha256"], base_genes=spec.genes)
     multi.add(adapter)
     with pytest.raises(KeyError, match="unknown adapters \\['b'\\]; served: \\['a'\\]"):
         multi(torch.zeros(2, len(spec.genes)), ["a", "b"])
@@ -90,7 +90,7 @@ def test_export_stores_the_base_once_and_each_adapter_as_a_small_model(runs, tmp
     base, genes = load_model_folder(models["scimilarity_base"].path)
     multi = MultiAdapterClassifier(base)
     adapter, _ = read_adapter(models["bulk_r4_all"].path, "bulk_r4_all",
-                              base_sha256=models["scimilarity_base"].info.metadata["sha256"])
+                              base_sha256=models["scimilarity_base"].info.metadata["sha256"], base_genes=genes)
     multi.add(adapter)
     predictor = CellTypePredictor.load(runs["bulk_r4_all"] / "model")
     x = torch.rand(5, len(genes))

@@ -46,10 +46,13 @@ def test_run_dir_contents(trained_run, pbmc):
     # adapter-sized: the best checkpoint's tensors are model/'s, so only last.ckpt (for training further) stays
     assert list((out / "checkpoints").glob("epoch*.ckpt")) == [] and metrics["best_checkpoint"] is None
     assert (out / "checkpoints" / "last.ckpt").is_file()
-    for name in ("model_config.json", "gene_order.tsv", "head.safetensors",
+    for name in ("model_config.json", "head.safetensors",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (out / "model" / name).is_file(), name
-    assert not (out / "model" / "encoder.safetensors").exists()  # adapter-only: the base is stored once, elsewhere
+    # adapter-only: the base's weights and gene list are stored once, elsewhere; the config names them by hash
+    assert not (out / "model" / "encoder.safetensors").exists() and not (out / "model" / "gene_order.tsv").exists()
+    config = json.loads((out / "model" / "model_config.json").read_text())
+    assert config["base"]["sha256"] == metrics["base_model"]["sha256"] and len(config["gene_order_sha256"]) == 64
     for plot in ("confusion_matrix.png", "learning_curves.png"):
         assert (out / "plots" / plot).stat().st_size > 10_000
 
@@ -75,7 +78,7 @@ def test_the_adapter_loads_with_peft_onto_the_base_and_equals_the_merged_model(t
 
     merged_dir = out / "merged_copy"
     shutil.copytree(out / "model", merged_dir)
-    write_merged_encoder(predictor.classifier, merged_dir)
+    write_merged_encoder(predictor.classifier, predictor.spec.genes, merged_dir)
     _, merged, _ = read_model_dir(merged_dir)
     with torch.no_grad():
         assert torch.allclose(merged.embed(x), predictor.classifier.embed(x), atol=1e-5)

@@ -3,8 +3,10 @@
 ::
 
     model/
-      model_config.json      format, encoder architecture, classes, preprocessing, fine-tuning config, base identity
-      gene_order.tsv         the encoder's input genes, one per line (SCimilarity's format)
+      model_config.json      format, encoder architecture, classes, preprocessing, fine-tuning config, base identity,
+                             the sha256 of the gene order
+      gene_order.tsv         the encoder's input genes, one per line (SCimilarity's format): only in a *merged*
+                             directory; an adapter-only one takes them from its base
       encoder.safetensors    the encoder with LoRA merged in, SCimilarity's state-dict keys: only in a *merged*
                              directory (full fine-tuning, or what export puts in the BentoML store)
       head.safetensors       the classification head
@@ -12,9 +14,10 @@
                              adapter_model.safetensors; ``PeftModel.from_pretrained(base_encoder, adapter/)`` loads
                              it), and seen_genes.safetensors: the training data's gene coverage
 
-With a frozen base (``lora``, ``frozen``) a run's directory is *adapter-only*: no encoder.safetensors, the base is
-the one ``model_config.json`` names (its folder and the sha256 of its weights), reloaded and checked on read; the
-adapter is applied with peft and merged. A run directory thus costs the adapter and head, and the base is stored
+With a frozen base (``lora``, ``frozen``) a run's directory is *adapter-only*: no encoder.safetensors and no gene
+list (both are the base's; the gene list is 0.22 MB for SCimilarity's 28,231 genes, a fifth of an r=8 adapter), the
+base is the one ``model_config.json`` names (its folder and the sha256 of its weights), reloaded and checked on read
+(its gene order against the recorded hash); the adapter is applied with peft and merged. A run directory thus costs the adapter and head, and the base is stored
 once however many runs fine-tune it.
 
 Only safetensors and JSON: loading never unpickles anything.
@@ -31,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scimilarity_lora.genes import read_gene_order, write_gene_order
+from scimilarity_lora.genes import gene_order_hash, read_gene_order, write_gene_order
 from scimilarity_lora.model.classifier import CellClassifier
 from scimilarity_lora.model.encoder import EncoderConfig
 from scimilarity_lora.model.folder import ModelFolderError, load_encoder_weights
@@ -63,7 +66,8 @@ class ModelSpec:
     def to_json(self) -> dict:
         return {"format": FORMAT, "encoder": self.encoder.to_dict(), "classes": list(self.classes),
                 "preprocessing": self.preprocessing.to_dict(), "finetune": dict(self.finetune),
-                "head_scale": self.head_scale, "base": dict(self.base), "gene_aliases": self.gene_aliases}
+                "head_scale": self.head_scale, "base": dict(self.base), "gene_aliases": self.gene_aliases,
+                "gene_order_sha256": gene_order_hash(self.genes)}
 
     @classmethod
     def from_json(cls, d: dict, genes: list[str]) -> "ModelSpec":
@@ -89,9 +93,8 @@ def save_model_dir(classifier: CellClassifier, spec: ModelSpec, path: str | Path
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps({**spec.to_json(), **(extra or {})}, indent=2, default=str))
-    write_gene_order(spec.genes, out / GENE_ORDER_FILE)
     if merged or (merged is None and not is_adapter_only(spec)):
-        write_merged_encoder(classifier, out)
+        write_merged_encoder(classifier, spec.genes, out)
     save_file(_tensors(classifier.head), out / HEAD_FILE)
     if hasattr(classifier.encoder, "save_pretrained"):
         classifier.encoder.save_pretrained(out / ADAPTER_DIR)
@@ -100,9 +103,11 @@ def save_model_dir(classifier: CellClassifier, spec: ModelSpec, path: str | Path
     return out
 
 
-def write_merged_encoder(classifier: CellClassifier, folder: str | Path) -> Path:
-    """``encoder.safetensors`` with any LoRA folded in: a directory that needs no base to load."""
+def write_merged_encoder(classifier: CellClassifier, genes: list[str], folder: str | Path) -> Path:
+    """``encoder.safetensors`` with any LoRA folded in, and its ``gene_order.tsv``: a directory that needs no base
+    to load."""
     save_file(_tensors(classifier.merged().encoder), Path(folder) / ENCODER_FILE)
+    write_gene_order(genes, Path(folder) / GENE_ORDER_FILE)
     return Path(folder) / ENCODER_FILE
 
 
@@ -111,7 +116,7 @@ def read_model_config(path: str | Path) -> dict:
     folder = Path(path)
     if not folder.is_dir():
         raise ModelFolderError(f"model directory not found: {folder}")
-    for name in (CONFIG_FILE, GENE_ORDER_FILE, HEAD_FILE):
+    for name in (CONFIG_FILE, HEAD_FILE):
         if not (folder / name).is_file():
             raise ModelFolderError(f"model directory {folder} is missing {name}")
     try:
@@ -120,18 +125,44 @@ def read_model_config(path: str | Path) -> dict:
         raise ModelFolderError(f"{folder / CONFIG_FILE} is not valid JSON: {e}") from e
     if config.get("format") != FORMAT:
         raise ModelFolderError(f"{folder} has format {config.get('format')!r}, expected {FORMAT!r}")
+    if not (folder / GENE_ORDER_FILE).is_file() and not _names_its_base_genes(config):
+        raise ModelFolderError(f"model directory {folder} is missing {GENE_ORDER_FILE}")
     return config
+
+
+def _names_its_base_genes(config: dict) -> bool:
+    """An adapter-only directory may leave the gene list to its base, naming it by hash."""
+    return (dict(config.get("finetune") or {}).get("mode") in ("lora", "frozen")
+            and bool(dict(config.get("base") or {}).get("sha256")) and bool(config.get("gene_order_sha256")))
+
+
+def model_dir_genes(folder: str | Path, config: dict, base_genes: list[str] | None) -> list[str]:
+    """The directory's gene order: its ``gene_order.tsv``, or else its base's (``base_genes``), which must hash to
+    what the directory recorded."""
+    path = Path(folder) / GENE_ORDER_FILE
+    if path.is_file():
+        return read_gene_order(path)
+    if base_genes is None:
+        raise ModelFolderError(f"model directory {folder} takes its genes from its base, and none was given")
+    if gene_order_hash(base_genes) != config.get("gene_order_sha256"):
+        raise ModelFolderError(f"the base of {folder} has another gene order than the model was trained on")
+    return list(base_genes)
 
 
 def read_model_dir(path: str | Path, base_dir: str | Path | None = None) -> tuple[ModelSpec, CellClassifier, dict[str, Any]]:
     """(spec, classifier with weights loaded, the full config) with clear errors for anything missing or corrupt.
 
     An adapter-only directory reloads its recorded base (from ``base_dir`` if given, e.g. where the BentoML store
-    keeps it; else the folder training recorded, or the run's ``base/`` for a stand-in), refuses one whose weights
-    differ, and applies the peft adapter."""
+    keeps it; else the folder training recorded), refuses one whose weights or gene order differ, and applies the
+    peft adapter."""
     folder = Path(path)
     config = read_model_config(folder)
-    genes = read_gene_order(folder / GENE_ORDER_FILE)
+    base = base_genes = None
+    if not (folder / GENE_ORDER_FILE).is_file():  # adapter-only: the gene list is the base's, loaded here once
+        from scimilarity_lora.inference.runs import recorded_base
+
+        base, base_genes = recorded_base(folder.parent, _base_record(dict(config.get("base") or {}), base_dir))
+    genes = model_dir_genes(folder, config, base_genes)
     try:
         spec = ModelSpec.from_json(config, genes)
     except (KeyError, TypeError, ValueError) as e:
@@ -144,7 +175,7 @@ def read_model_dir(path: str | Path, base_dir: str | Path | None = None) -> tupl
         load_encoder_weights(classifier.encoder, load_safetensors(folder / ENCODER_FILE),
                              source=str(folder / ENCODER_FILE))
     elif is_adapter_only(spec):
-        classifier.encoder.load_state_dict(encoder_from_base(folder, spec, base_dir).state_dict())
+        classifier.encoder.load_state_dict(encoder_from_base(folder, spec, base_dir, base=base).state_dict())
     else:
         raise ModelFolderError(f"model directory {folder} is missing {ENCODER_FILE}")
     try:
@@ -154,12 +185,19 @@ def read_model_dir(path: str | Path, base_dir: str | Path | None = None) -> tupl
     return spec, classifier.eval(), config
 
 
-def encoder_from_base(folder: Path, spec: ModelSpec, base_dir: str | Path | None = None) -> torch.nn.Module:
-    """The recorded base with the directory's peft adapter applied and merged (frozen mode: the base as is)."""
+def _base_record(base: dict, base_dir: str | Path | None) -> dict:
+    """The recorded base identity, pointed at ``base_dir`` when the base is kept elsewhere (the BentoML store)."""
+    return dict(base, path=str(base_dir)) if base_dir is not None else base
+
+
+def encoder_from_base(folder: Path, spec: ModelSpec, base_dir: str | Path | None = None,
+                      base: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The recorded base (or ``base``, already loaded and checked) with the directory's peft adapter applied and
+    merged (frozen mode: the base as is)."""
     from scimilarity_lora.inference.runs import load_recorded_base
 
-    base = dict(spec.base, path=str(base_dir)) if base_dir is not None else spec.base
-    encoder = load_recorded_base(folder.parent, base, spec.genes)
+    encoder = base if base is not None else load_recorded_base(folder.parent, _base_record(spec.base, base_dir),
+                                                                spec.genes)
     if not (folder / ADAPTER_DIR / "adapter_config.json").is_file():
         if spec.finetune.get("mode") == "lora":
             raise ModelFolderError(f"model directory {folder} is missing {ADAPTER_DIR}/adapter_config.json")

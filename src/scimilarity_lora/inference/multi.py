@@ -9,25 +9,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scimilarity_lora.inference.artifact import (ADAPTER_DIR, GENE_ORDER_FILE, HEAD_FILE, ModelSpec,
-                                                 is_adapter_only, load_safetensors, read_model_config)
-from scimilarity_lora.genes import read_gene_order
+from scimilarity_lora.inference.artifact import (ADAPTER_DIR, HEAD_FILE, ModelSpec, is_adapter_only, load_safetensors,
+                                                 model_dir_genes, read_model_config)
 from scimilarity_lora.model.classifier import ClassifierHead
 from scimilarity_lora.model.folder import ModelFolderError
 from scimilarity_lora.model.multi_adapter import Adapter, AdapterError, read_peft_lora
 
 
-def read_adapter(model_dir: str | Path, name: str, base_sha256: str | None = None) -> tuple[Adapter, ModelSpec]:
-    """``model_dir`` as a named adapter; ``base_sha256``: the served base, which the adapter must have trained on."""
+def read_adapter(model_dir: str | Path, name: str, base_sha256: str | None = None,
+                 base_genes: list[str] | None = None) -> tuple[Adapter, ModelSpec]:
+    """``model_dir`` as a named adapter; ``base_sha256`` and ``base_genes``: the served base, which the adapter must
+    have trained on (its genes are the adapter's, unless the directory carries its own list)."""
     folder = Path(model_dir)
     config = read_model_config(folder)
-    spec = ModelSpec.from_json(config, read_gene_order(folder / GENE_ORDER_FILE))
+    trained_on = dict(config.get("base") or {}).get("sha256")
+    if base_sha256 is not None and trained_on != base_sha256:
+        raise AdapterError(f"adapter {name!r} was trained on base {str(trained_on)[:16]}..., "
+                           f"not on the served base {base_sha256[:16]}...")
+    spec = ModelSpec.from_json(config, model_dir_genes(folder, config, base_genes))
     if not is_adapter_only(spec):
         raise AdapterError(f"{folder} ({spec.finetune.get('mode')} fine-tuning) carries a whole encoder, not an "
                            "adapter of a shared base")
-    if base_sha256 is not None and spec.base.get("sha256") != base_sha256:
-        raise AdapterError(f"adapter {name!r} was trained on base {str(spec.base.get('sha256'))[:16]}..., "
-                           f"not on the served base {base_sha256[:16]}...")
     head = ClassifierHead(spec.encoder.latent_dim, len(spec.classes), spec.head_scale)
     try:
         head.load_state_dict(load_safetensors(folder / HEAD_FILE))

@@ -51,7 +51,7 @@ class AdapterSet:
         self.info: dict[str, dict[str, Any]] = {}
 
     def add(self, name: str, path: str, tag: str = "") -> None:
-        adapter, spec = read_adapter(path, name, base_sha256=self.sha256)
+        adapter, spec = read_adapter(path, name, base_sha256=self.sha256, base_genes=self.genes)
         if list(spec.genes) != self.genes:
             raise AdapterError(f"adapter {name!r} lists another gene order than its base")
         spec.genes = self.genes  # one copy of the base's gene list for every adapter

@@ -70,7 +70,7 @@ def export_to_bentoml(source: str | Path, name: str = DEFAULT_NAME) -> str:
                                    metadata=metadata) as model:
             shutil.copytree(model_dir, model.path, dirs_exist_ok=True)
             if not (Path(model.path) / ENCODER_FILE).is_file():  # an adapter-only run: the store gets it merged
-                write_merged_encoder(classifier, model.path)
+                write_merged_encoder(classifier, spec.genes, model.path)
         return str(model.tag)
 
 
