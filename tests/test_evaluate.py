@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import wandb
 
 from helpers import REPO, run_train_cli
 from scimilarity_lora.training.checkpoint_io import classifier_from_checkpoint
@@ -157,6 +158,9 @@ def test_evaluation_is_logged_to_wandb_offline(sweep, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = sweep[0] / "0"
     evaluate_run(run, baselines=False, wandb_project="scimilarity-lora-test")
+    # run.finish() returns before wandb-core's writer has necessarily closed the .wandb file (seen under
+    # CPU contention); teardown waits for the service, as the CLI's atexit hook does at process exit.
+    wandb.teardown()
     (offline,) = (run / "evaluation" / "wandb").glob("offline-run-*")
     media = {part for p in offline.glob("files/media/**/*") if p.is_file() for part in p.parts}
     assert {"images", "table"} <= media
