@@ -83,9 +83,10 @@ def test_lora_checkpoints_hold_the_adapter_not_the_base(tmp_path):
     assert module.encoder.base_model.model.network[0][1].base_layer.weight.abs().sum() > 0
     encoder, genes = load_model_folder(stored)
     write_gene_order(genes[::-1], stored / "gene_order.tsv")
-    with pytest.raises(ModelFolderError, match="another gene order"):
+    both_hashes = r"another gene order \(sha256 [0-9a-f]{16}\.\.\.\) than it was trained on \([0-9a-f]{16}\.\.\.\)"
+    with pytest.raises(ModelFolderError, match=both_hashes):
         classifier_from_checkpoint(last)
-    with pytest.raises(ModelFolderError, match="another gene order"):  # the model dir names the order by hash too
+    with pytest.raises(ModelFolderError, match=both_hashes):  # the model dir names the order by hash too
         read_model_dir(lora / "model")
     with torch.no_grad():
         encoder.network[0][1].weight[0, 0] += 1.0

@@ -57,7 +57,8 @@ def test_unknown_names_and_foreign_adapters_are_refused(runs):
     spec = CellTypePredictor.load(runs["bulk_r4_all"] / "model").spec
     base = load_recorded_base(runs["bulk_r4_all"], spec.base, spec.genes)
     multi = MultiAdapterClassifier(base)
-    adapter, _ = read_adapter(runs["bulk_r4_all"] / "model", "a", base_sha256=spec.base["sha256"], base_genes=spec.genes)
+    adapter, _ = read_adapter(runs["bulk_r4_all"] / "model", "a", base_sha256=spec.base["sha256"],
+                              base_genes=spec.genes)
     multi.add(adapter)
     with pytest.raises(KeyError, match="unknown adapters \\['b'\\]; served: \\['a'\\]"):
         multi(torch.zeros(2, len(spec.genes)), ["a", "b"])

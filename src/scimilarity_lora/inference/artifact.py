@@ -17,8 +17,8 @@
 With a frozen base (``lora``, ``frozen``) a run's directory is *adapter-only*: no encoder.safetensors and no gene
 list (both are the base's; the gene list is 0.22 MB for SCimilarity's 28,231 genes, a fifth of an r=8 adapter), the
 base is the one ``model_config.json`` names (its folder and the sha256 of its weights), reloaded and checked on read
-(its gene order against the recorded hash); the adapter is applied with peft and merged. A run directory thus costs the adapter and head, and the base is stored
-once however many runs fine-tune it.
+(its gene order against the recorded hash); the adapter is applied with peft and merged. A run directory thus costs
+the adapter and head, and the base is stored once however many runs fine-tune it.
 
 Only safetensors and JSON: loading never unpickles anything.
 """
@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from scimilarity_lora.genes import gene_order_hash, read_gene_order, write_gene_order
 from scimilarity_lora.model.classifier import CellClassifier
 from scimilarity_lora.model.encoder import EncoderConfig
-from scimilarity_lora.model.folder import ModelFolderError, load_encoder_weights
+from scimilarity_lora.model.folder import ModelFolderError, load_encoder_weights, require_gene_order
 from scimilarity_lora.preprocess import Preprocessing
 
 FORMAT = "scimilarity-lora/1"
@@ -83,7 +83,11 @@ def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def is_adapter_only(spec: ModelSpec) -> bool:
     """A frozen base with a recorded identity: the directory needs only what training changed."""
-    return spec.finetune.get("mode") in ("lora", "frozen") and bool(spec.base.get("sha256"))
+    return _frozen_recorded_base(spec.finetune, spec.base)
+
+
+def _frozen_recorded_base(finetune: dict, base: dict) -> bool:
+    return finetune.get("mode") in ("lora", "frozen") and bool(base.get("sha256"))
 
 
 def save_model_dir(classifier: CellClassifier, spec: ModelSpec, path: str | Path, extra: dict | None = None,
@@ -132,8 +136,8 @@ def read_model_config(path: str | Path) -> dict:
 
 def _names_its_base_genes(config: dict) -> bool:
     """An adapter-only directory may leave the gene list to its base, naming it by hash."""
-    return (dict(config.get("finetune") or {}).get("mode") in ("lora", "frozen")
-            and bool(dict(config.get("base") or {}).get("sha256")) and bool(config.get("gene_order_sha256")))
+    return (_frozen_recorded_base(dict(config.get("finetune") or {}), dict(config.get("base") or {}))
+            and bool(config.get("gene_order_sha256")))
 
 
 def model_dir_genes(folder: str | Path, config: dict, base_genes: list[str] | None) -> list[str]:
@@ -144,9 +148,7 @@ def model_dir_genes(folder: str | Path, config: dict, base_genes: list[str] | No
         return read_gene_order(path)
     if base_genes is None:
         raise ModelFolderError(f"model directory {folder} takes its genes from its base, and none was given")
-    if gene_order_hash(base_genes) != config.get("gene_order_sha256"):
-        raise ModelFolderError(f"the base of {folder} has another gene order than the model was trained on")
-    return list(base_genes)
+    return require_gene_order(list(base_genes), config.get("gene_order_sha256"), str(folder))
 
 
 def read_model_dir(path: str | Path, base_dir: str | Path | None = None) -> tuple[ModelSpec, CellClassifier, dict[str, Any]]:

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from scimilarity_lora.genes import resolve_gene_order, read_gene_order, write_gene_order
+from scimilarity_lora.genes import gene_order_hash, resolve_gene_order, read_gene_order, write_gene_order
 from scimilarity_lora.model.encoder import Encoder, EncoderConfig
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,15 @@ PACKAGED_PREFIX = "packaged:"
 
 class ModelFolderError(ValueError):
     """A SCimilarity model folder or checkpoint that cannot be loaded as given."""
+
+
+def require_gene_order(genes: list[str], sha256: str | None, what: str) -> list[str]:
+    """``genes`` (a base's order), if it is the one ``what`` recorded by hash (files that omit the 28,231 names)."""
+    found = gene_order_hash(genes)
+    if found != sha256:
+        raise ModelFolderError(f"the base of {what} has another gene order (sha256 {found[:16]}...) than it was "
+                               f"trained on ({str(sha256)[:16]}...)")
+    return genes
 
 
 def config_from_layer_sizes(layer_sizes: dict[str, list[int]], n_genes: int) -> EncoderConfig:

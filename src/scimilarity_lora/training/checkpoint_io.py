@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from scimilarity_lora.genes import gene_order_hash
-from scimilarity_lora.model.folder import ModelFolderError
+from scimilarity_lora.model.folder import ModelFolderError, require_gene_order
 
 if TYPE_CHECKING:
     from scimilarity_lora.training.module import CellTypeClassifier
@@ -68,9 +67,7 @@ def classifier_from_checkpoint(path: str | Path) -> "CellTypeClassifier":
         encoder, genes = _recorded_base(Path(path), hp.get("base") or {}, ckpt["base_sha256"])
         hp["base_state_dict"] = encoder.state_dict()
         if hp.get("gene_order") is None:
-            if gene_order_hash(genes) != ckpt.get("gene_order_sha256"):
-                raise ModelFolderError(f"the base recorded by {path} now has another gene order than it was trained on")
-            hp["gene_order"] = genes
+            hp["gene_order"] = require_gene_order(genes, ckpt.get("gene_order_sha256"), str(path))
     try:
         model = CellTypeClassifier(**hp)
     except TypeError as e:
