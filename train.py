@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from scimilarity_lora.training.resolvers import register
-from scimilarity_lora.training.user_errors import one_line_errors
+from scimilarity_lora.user_errors import one_line_errors
 
 register()
 

@@ -106,7 +106,7 @@ def _write_folder(tmp_path, hidden=(32, 16), latent=8):
 @pytest.mark.parametrize("key, value, says", [
     ("hidden_dim", [64, 64], r"model.hidden_dim=\[64, 64\] but the model folder .* has hidden sizes \[32, 16\]"),
     ("latent_dim", 128, r"model.latent_dim=128 but the model folder .* has latent dimension 8"),
-    ("gene_order", "scimilarity", "carries its own gene_order.tsv"),
+    ("gene_order", "scimilarity", r"model.gene_order='scimilarity' \(28,231 genes\) but the model folder .* \(40 genes"),
 ])
 def test_architecture_keys_that_disagree_with_the_folder_are_an_error(key, value, says, tmp_path):
     from scimilarity_lora.model.folder import ModelFolderError, load_base
@@ -116,6 +116,28 @@ def test_architecture_keys_that_disagree_with_the_folder_are_an_error(key, value
         load_base(pretrained_dir=str(folder), **{key: value})
     same = load_base(pretrained_dir=str(folder), hidden_dim=[32, 16], latent_dim=8)
     assert same.encoder.config.hidden_dim == (32, 16)
+
+
+def test_a_gene_order_that_agrees_with_the_folder_is_accepted(tmp_path):
+    from scimilarity_lora.model.folder import load_base
+
+    folder = _write_folder(tmp_path)
+    order = tmp_path / "order.tsv"
+    order.write_text("\n".join(f"G{i}" for i in range(40)) + "\n")
+    assert load_base(pretrained_dir=str(folder), gene_order=str(order)).genes == [f"G{i}" for i in range(40)]
+
+
+def test_own_data_gets_a_base_over_scimilaritys_full_gene_order(tmp_path):
+    """data=h5ad (a user's file) picks model=scimilarity_full: the 748-gene demo base is not a silent default for
+    a file of another tissue; an explicit model= still wins."""
+    from helpers import compose_train
+
+    cfg = compose_train(["data=h5ad", "data.path=cells.h5ad"], tmp_path / "o")
+    assert cfg.model.gene_order == "scimilarity" and cfg.model.pretrained_dir is None
+    assert cfg.data.path == "cells.h5ad" and cfg.data.label_key == "cell_type" and cfg.data.layer == "X"
+    cfg = compose_train(["data=h5ad", "data.path=cells.h5ad", "model=demo_base"], tmp_path / "o")
+    assert cfg.model.pretrained_dir == "packaged:pbmc_demo"
+    assert compose_train([], tmp_path / "o").model.pretrained_dir == "packaged:pbmc_demo"
 
 
 def test_dropout_applies_to_a_pretrained_folder(tmp_path):

@@ -115,7 +115,7 @@ def test_an_adapter_for_the_sorted_pbmc_labels_joins_the_same_server(served, tmp
     import pandas as pd
 
     sorted_pbmc = SHARED_REAL_DATA / "mudan_sorted_pbmc.h5ad"
-    run(compose_train(["data=h5ad", f"data.path={sorted_pbmc}", "data.label_key=cell_type", "trainer.max_epochs=2",
+    run(compose_train(["data=h5ad", "model=demo_base", f"data.path={sorted_pbmc}", "data.label_key=cell_type", "trainer.max_epochs=2",
                        "trainer.enable_progress_bar=false"], tmp_path / "run"))
     subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(tmp_path / "run"), "--adapter",
                     "--name", "pbmc_sorted"], env=served["env"], cwd=REPO, capture_output=True, text=True, check=True)

@@ -44,7 +44,7 @@ def sh(args: list[str], env: dict) -> str:
 
 def train_and_export(real: Path, env: dict) -> str:
     runs = {"pbmc_bulk": [],
-            "pbmc_sorted": ["data=h5ad", f"data.path={real / SORTED}", "data.label_key=cell_type"]}
+            "pbmc_sorted": ["data=h5ad", "model=demo_base", f"data.path={real / SORTED}", "data.label_key=cell_type"]}
     base = ""
     for name, overrides in runs.items():
         sh([sys.executable, "train.py", *overrides, f"hydra.run.dir={OUT / name}", "trainer.enable_progress_bar=false"],

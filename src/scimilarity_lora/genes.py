@@ -139,6 +139,23 @@ class GeneAlignment:
             "rescued_by_alias": {data: model for data, model in self.rescued},
         }
 
+    def visibility(self, X: sp.spmatrix | np.ndarray, input_is_log1p: bool = False) -> dict:
+        """How much of a dataset the model can see: the fraction of the genes the data *expresses* (non-zero in some
+        cell) that the model has, and the fraction of all counts they carry (``expm1`` first for log1p data).
+        A base over a few hundred genes sees a small share of a 20,000-gene file, and this says how small."""
+        X = sp.csc_matrix(X) if not sp.issparse(X) else X.tocsc()
+        values = X.copy()
+        values.data = np.expm1(values.data.astype(np.float64)) if input_is_log1p else values.data.astype(np.float64)
+        per_gene = np.asarray(values.sum(axis=0)).ravel()
+        expressed = np.diff(X.indptr) > 0
+        seen = np.zeros(self.n_source, dtype=bool)
+        seen[self.source_index] = True
+        total = float(per_gene.sum())
+        return {"n_expressed_data_genes": int(expressed.sum()),
+                "n_expressed_genes_seen": int((expressed & seen).sum()),
+                "expressed_gene_fraction_seen": round(float((expressed & seen).sum() / max(expressed.sum(), 1)), 4),
+                "count_fraction_seen": round(float(per_gene[seen].sum() / total), 4) if total > 0 else 0.0}
+
     def projection(self) -> sp.csr_matrix:
         """A 0/1 matrix P (n_source x n_model genes) so that ``X @ P`` is X in the model's gene order."""
         ones = np.ones(self.n_overlap, dtype=np.float32)

@@ -78,16 +78,20 @@ class AnnDataModule(CellDataModule):
         input_format: str = "auto",
         gene_aliases: bool = True,
         exclude_classes: list[str] | None = None,
+        ontology_key: str | None = None,
+        label_to_ontology: dict[str, str] | str | None = None,
     ) -> None:
         super().__init__(label_key=label_key, donor_key=donor_key, min_cells_per_class=min_cells_per_class,
                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
                          num_workers=num_workers, min_gene_overlap=min_gene_overlap,
                          min_gene_overlap_fraction=min_gene_overlap_fraction, target_sum=target_sum,
                          input_is_log1p=input_is_log1p, input_format=input_format, gene_aliases=gene_aliases,
-                         exclude_classes=exclude_classes)
+                         exclude_classes=exclude_classes, ontology_key=ontology_key,
+                         label_to_ontology=label_to_ontology)
         self.path, self.layer = path, layer
         self.gene_symbols_key, self.gene_ids_key = gene_symbols_key, gene_ids_key
         self._adata: ad.AnnData | None = None
+        self.visibility: dict = {}
 
     # -- inputs ----------------------------------------------------------------------------------------------
     @property
@@ -110,6 +114,13 @@ class AnnDataModule(CellDataModule):
             raise LabelError(
                 f"label column {self.label_key!r} not in obs; available columns: {list(adata.obs.columns)}"
             )
+        if self.ontology_key is not None:
+            if self.ontology_key not in adata.obs.columns:
+                raise DataError(f"ontology column {self.ontology_key!r} not in obs; columns: {list(adata.obs.columns)}")
+            from scimilarity_lora.data.ontology import observed_terms
+
+            self.observed_terms = observed_terms(adata.obs[self.label_key].astype("string"),
+                                                 adata.obs[self.ontology_key].astype("string"))
         if self.donor_key is not None and self.donor_key not in adata.obs.columns:
             raise DataError(f"donor column {self.donor_key!r} not in obs; columns: {list(adata.obs.columns)}")
         X, var_names, var = expression_matrix(adata, self.layer)
@@ -126,6 +137,8 @@ class AnnDataModule(CellDataModule):
             min_overlap=self.min_gene_overlap, min_overlap_fraction=self.min_gene_overlap_fraction,
             aliases=self.aliases(),
         )
+        self.visibility = self.alignment.visibility(X, self.preprocessing.input_is_log1p)
+        self._report_visibility(gene_names(var_names, var, self.gene_symbols_key), ids)
         groups = adata.obs[self.donor_key].astype(str).to_numpy() if self.donor_key is not None else None
         aligned = self.alignment.apply(X)
         rows, y = self.encode_and_split(adata.obs[self.label_key].to_numpy(dtype=object), groups,
@@ -133,6 +146,29 @@ class AnnDataModule(CellDataModule):
         aligned = aligned[rows]
         for name, part in self.splits.as_dict().items():
             self.datasets[name] = CellBatchDataset(aligned[part], y[part], self.preprocessing, self.input_format)
+
+    def _report_visibility(self, genes: list[str], ids: list[str] | None) -> None:
+        """Log what share of the file the base sees; loudly when it is under half of the counts, with what
+        SCimilarity's full gene order would see instead (the better choice, named)."""
+        v = self.visibility
+        msg = (f"the base sees {v['n_expressed_genes_seen']:,} of the {v['n_expressed_data_genes']:,} genes this file "
+               f"expresses ({v['expressed_gene_fraction_seen']:.1%}), carrying {v['count_fraction_seen']:.1%} of its counts")
+        if v["count_fraction_seen"] >= 0.5 or len(self.gene_order) >= 20_000:
+            log.info(msg)
+            return
+        from scimilarity_lora.genes import scimilarity_gene_order
+
+        full = align_genes(genes, scimilarity_gene_order(), data_gene_ids=ids, min_overlap=0, aliases=self.aliases())
+        fv = full.visibility(self.adata_matrix(), self.preprocessing.input_is_log1p)
+        log.warning("%s. A base over SCimilarity's full gene order would see %.1f%% of its counts: "
+                    "model=scimilarity_full, or model.pretrained_dir=/path/to/model_v1.1 for the real weights",
+                    msg, 100 * fv["count_fraction_seen"])
+
+    def adata_matrix(self) -> sp.spmatrix | np.ndarray:
+        return expression_matrix(self.adata, self.layer)[0]
+
+    def summary(self) -> dict:
+        return {**super().summary(), "gene_visibility": self.visibility}
 
     def seen_genes(self) -> np.ndarray:
         """Model genes with a non-zero value in at least one training cell (exact: the split is in memory)."""

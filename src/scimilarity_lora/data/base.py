@@ -28,7 +28,8 @@ class CellDataModule(L.LightningDataModule):
     def __init__(self, *, label_key: str, donor_key: str | None, min_cells_per_class: int, val_fraction: float,
                  test_fraction: float, seed: int, batch_size: int, num_workers: int, min_gene_overlap: int,
                  min_gene_overlap_fraction: float, target_sum: float, input_is_log1p: bool,
-                 input_format: str, gene_aliases: bool = True, exclude_classes: list[str] | None = None) -> None:
+                 input_format: str, gene_aliases: bool = True, exclude_classes: list[str] | None = None,
+                 ontology_key: str | None = None, label_to_ontology: dict[str, str] | str | None = None) -> None:
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"data.input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
@@ -40,6 +41,11 @@ class CellDataModule(L.LightningDataModule):
         self.gene_aliases = gene_aliases
         self.n_cells_without_expression = 0
         self.exclude_classes = [str(c) for c in (exclude_classes or [])]
+        #: where each class's Cell Ontology id comes from: an obs column of CL ids, and/or an explicit mapping
+        #: (a dict, a ``label,cl_id`` CSV or ``packaged:<name>``), which wins
+        self.ontology_key = ontology_key
+        self.label_to_ontology = label_to_ontology
+        self.observed_terms: dict[str, str] = {}
         self.gene_order: list[str] | None = None  # set to the model's genes before setup()
         self.labels: LabelEncoder | None = None
         self.alignment: GeneAlignment | None = None
@@ -95,6 +101,17 @@ class CellDataModule(L.LightningDataModule):
                  *(len(p) for p in self.splits.as_dict().values()),
                  f"by donor {self.donor_key!r}" if groups is not None else "stratified by label")
         return rows, y
+
+    def class_terms(self) -> dict[str, str | None]:
+        """CL id per class (None: unmapped, allowed and reported), validated against the shipped ontology."""
+        from scimilarity_lora.data.ontology import class_terms_from, read_label_map
+
+        terms = class_terms_from(self.labels.classes, read_label_map(self.label_to_ontology), self.observed_terms)
+        unmapped = [c for c, t in terms.items() if not t]
+        if unmapped and len(unmapped) < len(terms):
+            log.warning("no Cell Ontology id for classes %s (data.ontology_key / data.label_to_ontology): they are "
+                        "matched by name only and never answered coarsely", unmapped)
+        return terms
 
     def split_ids(self) -> dict[str, np.ndarray]:
         return {name: self.cell_ids[part] for name, part in self.splits.as_dict().items()}

@@ -139,6 +139,8 @@ class CensusDataModule(CellDataModule):
         input_format: str = "auto",
         gene_aliases: bool = True,
         exclude_classes: list[str] | None = None,
+        ontology_key: str | None = "cell_type_ontology_term_id",
+        label_to_ontology: dict[str, str] | str | None = None,
     ) -> None:
         super().__init__(label_key=label_key, donor_key=donor_key, min_cells_per_class=min_cells_per_class,
                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
@@ -146,7 +148,8 @@ class CensusDataModule(CellDataModule):
                          min_gene_overlap_fraction=min_gene_overlap_fraction, target_sum=target_sum,
                          input_is_log1p=False, input_format=input_format,
                          gene_aliases=gene_aliases,
-                         exclude_classes=exclude_classes)  # Census X['raw'] holds counts
+                         exclude_classes=exclude_classes, ontology_key=ontology_key,
+                         label_to_ontology=label_to_ontology)  # Census X['raw'] holds counts
         if io_batch_size % shuffle_chunk_size:
             raise ValueError(f"data.io_batch_size ({io_batch_size}) must be a multiple of "
                              f"data.shuffle_chunk_size ({shuffle_chunk_size})")
@@ -216,7 +219,8 @@ class CensusDataModule(CellDataModule):
 
     def _obs_columns(self, names: set[str]) -> list[str]:
         """The obs columns read for the slice (``names``: those the store has)."""
-        return ["soma_joinid", self.label_key] + ([self.donor_key] if self.donor_key else [])
+        ontology = [self.ontology_key] if self.ontology_key in names and self.ontology_key != self.label_key else []
+        return ["soma_joinid", self.label_key] + ([self.donor_key] if self.donor_key else []) + ontology
 
     def _obs(self, exp) -> pd.DataFrame:
         names = set(exp.obs.schema.names)
@@ -233,6 +237,11 @@ class CensusDataModule(CellDataModule):
         return obs.sort_values("soma_joinid").reset_index(drop=True)
 
     def _split(self, obs: pd.DataFrame) -> None:
+        if self.ontology_key in obs.columns:  # read with the labels, in the same pass over obs
+            from scimilarity_lora.data.ontology import observed_terms
+
+            self.observed_terms = observed_terms(obs[self.label_key].astype("string"),
+                                                 obs[self.ontology_key].astype("string"))
         groups = obs[self.donor_key].astype(str).to_numpy() if self.donor_key else None
         self.encode_and_split(obs[self.label_key].to_numpy(dtype=object), groups, obs["soma_joinid"].to_numpy())
         self.split_joinids = self.split_ids()

@@ -9,8 +9,6 @@ read a slice into memory instead (``data=pretrain_census``).
 
 from __future__ import annotations
 
-import pandas as pd
-
 from scimilarity_lora.data.census import CensusDataModule
 
 
@@ -19,24 +17,3 @@ class CensusPretrainDataModule(CensusDataModule):
     filter, e.g. by dataset)."""
 
     holdout = None
-
-    def __init__(self, *args, ontology_key: str = "cell_type_ontology_term_id", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.ontology_key = ontology_key
-        self.observed_terms: dict[str, str] = {}
-
-    def _obs_columns(self, names: set[str]) -> list[str]:
-        extra = [self.ontology_key] if self.ontology_key and self.ontology_key in names else []
-        return super()._obs_columns(names) + extra
-
-    def _obs(self, exp) -> pd.DataFrame:
-        obs = super()._obs(exp)
-        if self.ontology_key in obs.columns:  # read with the labels, in the same pass over obs
-            self.observed_terms = (obs.groupby(self.label_key)[self.ontology_key]
-                                   .agg(lambda s: s.mode()[0]).astype(str).to_dict())
-        return obs
-
-    def class_terms(self) -> dict[str, str | None]:
-        from scimilarity_lora.data.ontology import class_terms_from
-
-        return class_terms_from(self.labels.classes, None, self.observed_terms)

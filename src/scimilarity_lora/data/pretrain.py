@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from scimilarity_lora.data.anndata import CellBatchDataset, collate_batch
+from scimilarity_lora.data.ontology import observed_terms, read_label_map
 from scimilarity_lora.data.io import DataError, expression_matrix, gene_names, read_anndata, validate_matrix
 from scimilarity_lora.data.resumable import EpochPosition, ResumableDataLoader
 from scimilarity_lora.genes import align_genes, symbol_aliases
@@ -156,7 +157,7 @@ class PretrainDataModule(L.LightningDataModule):
                  val_fraction: float = 0.05, batch_size: int = 512, cells_per_class: int = 8, seed: int = 0,
                  num_workers: int = 0, min_gene_overlap: int = 50, target_sum: float = 1e4,
                  gene_aliases: bool = True, input_format: str = "auto",
-                 label_to_ontology: dict[str, str] | None = None, holdout_seed: int | None = None) -> None:
+                 label_to_ontology: dict[str, str] | str | None = None, holdout_seed: int | None = None) -> None:
         super().__init__()
         self.files = [SourceFile(**{**f, "name": f.get("name") or _source_name(f)}) for f in files]
         if not self.files:
@@ -171,7 +172,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.seed, self.num_workers, self.min_gene_overlap = seed, num_workers, min_gene_overlap
         self.preprocessing = Preprocessing(target_sum=target_sum)
         self.gene_aliases, self.input_format = gene_aliases, input_format
-        self.label_to_ontology = dict(label_to_ontology or {})
+        self.label_to_ontology = read_label_map(label_to_ontology)
         self.gene_order: list[str] | None = None
         self.labels: LabelEncoder | None = None
         self.observed_terms: dict[str, str] = {}
@@ -199,8 +200,7 @@ class PretrainDataModule(L.LightningDataModule):
                                 f"available: {list(adata.obs.columns)}")
             obs["label"] = adata.obs[source.label_key].astype("string").to_numpy()
             if source.ontology_key and source.ontology_key in adata.obs.columns:
-                pairs = pd.DataFrame({"l": obs["label"], "t": adata.obs[source.ontology_key].astype(str).to_numpy()})
-                self.observed_terms.update(pairs.dropna().groupby("l")["t"].agg(lambda s: s.mode()[0]).to_dict())
+                self.observed_terms.update(observed_terms(obs["label"], adata.obs[source.ontology_key].astype(str)))
         else:
             obs["label"] = pd.array([pd.NA] * len(obs), dtype="string")
         identity = ({"census": source.uri or source.census_version, "obs_value_filter": source.obs_value_filter}

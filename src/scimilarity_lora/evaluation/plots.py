@@ -18,22 +18,25 @@ def _pyplot():
 
 
 def plot_confusion_matrix(cm: Sequence[Sequence[float]], classes: Sequence[str], path: str | Path,
-                          title: str = "Test confusion matrix (row-normalised)") -> Path:
+                          title: str = "Test confusion matrix (row-normalised)",
+                          row_labels: Sequence[str] | None = None, ylabel: str = "true") -> Path:
+    """Row-normalised counts; ``row_labels`` for a rectangular table (e.g. another study's labels x classes)."""
     plt = _pyplot()
     cm = np.asarray(cm, dtype=float)
+    rows = list(row_labels) if row_labels is not None else list(classes)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), [f"{c} (n={int(s)})" for c, s in zip(classes, cm.sum(axis=1))], fontsize=8)
+    n, m = len(rows), len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * m + 0.08 * max(len(r) for r in rows), 0.8 + 0.5 * n))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(m), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), [f"{c} (n={int(s)})" for c, s in zip(rows, cm.sum(axis=1))], fontsize=8)
     for i in range(n):
-        for j in range(n):
+        for j in range(m):
             if norm[i, j] >= 0.01:
                 ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()

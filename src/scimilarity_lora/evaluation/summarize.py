@@ -1,9 +1,11 @@
 """Turn a multirun directory into a table (CSV + markdown) and a plot, and name the best run.
 
     python -m scimilarity_lora.evaluation.summarize outputs/multiruns/<date>/<time>
+    python -m scimilarity_lora.evaluation.summarize <multirun> --metric query/pbmc3k_seurat/macro_f1
 
 Each job's overrides (``.hydra/overrides.yaml``), its ``metrics.json`` and, if ``evaluate`` ran, its
-``evaluation/report.json`` (baselines, forgetting, calibration) become one row. When the sweep varies ``seed``,
+``evaluation/report.json`` (baselines, forgetting, calibration) and the figures of every query it was scored on
+(``evaluate.py ... query.path=...``: ``query/<name>/accuracy``, ``.../macro_f1``, ...) become one row. When the sweep varies ``seed``,
 a second table averages every other setting over seeds (mean and standard deviation).
 """
 
@@ -18,7 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from scimilarity_lora.inference.runs import SELECT_METRIC, best_run
+from scimilarity_lora.inference.runs import SELECT_METRIC, best_run, run_metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,9 @@ def collect(multirun_dir: Path) -> pd.DataFrame:
             row[key] = value
             if key not in override_keys:
                 override_keys.append(key)
-        metrics = json.loads(metrics_file.read_text())
+        metrics = run_metrics(job)
         row.update({k: metrics.get(k) for k in METRICS})
+        row.update({k: v for k, v in metrics.items() if k.startswith("query/") and k.count("/") == 2})
         row["finetune"] = metrics.get("finetune", {}).get("mode")
         report_file = job / "evaluation" / "report.json"
         if report_file.is_file():
@@ -114,12 +117,12 @@ def plot(df: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
-def summarize(multirun_dir: str | Path) -> dict:
+def summarize(multirun_dir: str | Path, metric: str = SELECT_METRIC) -> dict:
     multirun_dir = Path(multirun_dir)
     df = collect(multirun_dir)
     df.to_csv(multirun_dir / "summary.csv", index=False)
-    best = best_run(multirun_dir, SELECT_METRIC)
-    parts = [f"# Sweep summary: `{multirun_dir}`", "", f"Best run by {SELECT_METRIC}: `{best}`", "",
+    best = best_run(multirun_dir, metric)
+    parts = [f"# Sweep summary: `{multirun_dir}`", "", f"Best run by {metric}: `{best}`", "",
              markdown_table(df)]
     seeds = over_seeds(df)
     if seeds is not None:
@@ -127,15 +130,18 @@ def summarize(multirun_dir: str | Path) -> dict:
         parts += ["", "## Mean and standard deviation over seeds", "", markdown_table(seeds, 3)]
     plot(df, multirun_dir / "summary.png")
     (multirun_dir / "summary.md").write_text("\n".join(parts) + "\n")
-    return {"best_run": str(best), "n_runs": len(df), "table": str(multirun_dir / "summary.csv")}
+    return {"best_run": str(best), "metric": metric, "n_runs": len(df), "table": str(multirun_dir / "summary.csv")}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Summarize a Hydra multirun directory.")
     p.add_argument("multirun_dir")
+    p.add_argument("--metric", default=SELECT_METRIC,
+                   help="rank runs by this key (default val/macro_f1; e.g. query/<query name>/macro_f1 after "
+                        "evaluate.py ... query.path=...)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(json.dumps(summarize(args.multirun_dir)))
+    print(json.dumps(summarize(args.multirun_dir, args.metric)))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
     python -m scimilarity_lora.inference.annotate outputs/runs/<date>/<time>/model cells.h5ad annotated.h5ad --layer counts
 
 Cells are processed in batches of rows (aligned, normalised and embedded per batch), so a million-cell sparse
-file is never densified as a whole. Writes ``obs["scimilarity_lora_label"]`` (a class or "unknown"),
-``..._best_guess``, ``..._confidence`` (calibrated), ``..._status`` (ok | low_confidence | novel | no_expression),
-``..._top{k}`` (``"label:prob; ..."``), ``obsm['X_scimilarity']`` and ``uns['scimilarity_lora']``.
+file is never densified as a whole. Writes ``obs["scimilarity_lora_label"]`` (a class, a coarser Cell Ontology
+term, or "unknown"), ``..._ontology_term_id``, ``..._best_guess``, ``..._confidence`` (calibrated), ``..._status``
+(ok | coarse | low_confidence | novel | no_expression), ``..._top{k}`` (``"label:prob; ..."``),
+``obsm['X_scimilarity']`` and ``uns['scimilarity_lora']``. With ``--majority-voting``, also
+``..._over_clustering``, ``..._majority_voting`` (the cluster's most common label) and
+``..._majority_frequency`` (its share of the cluster), as CellTypist writes them.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scimilarity_lora.data.io import expression_matrix, gene_names, read_anndata, validate_matrix
+from scimilarity_lora.data.io import DataError, expression_matrix, gene_names, read_anndata, validate_matrix
 from scimilarity_lora.inference.calibration import STATUSES, UNKNOWN
 from scimilarity_lora.inference.predictor import CellTypePredictor
+from scimilarity_lora.user_errors import one_line_errors
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +43,38 @@ def annotate(
     key_added: str = "scimilarity_lora",
     progress: bool = True,
     force_label: bool = False,
+    coarse: bool = True,
+    majority_voting: bool = False,
+    over_clustering: str | None = None,
+    seed: int = 0,
 ) -> ad.AnnData:
     """Predict labels and embeddings for every cell of ``adata`` (modified in place and returned).
 
     A cell the model declines (low calibrated confidence, or unlike every training class: ``..._status``) is
-    labelled "unknown", its best guess kept in ``..._best_guess``; ``force_label=True`` labels every cell."""
+    labelled "unknown", its best guess kept in ``..._best_guess``; a hesitant one whose candidate classes share a
+    Cell Ontology ancestor that together passes the threshold gets that ancestor (status ``coarse``; ``coarse=False``
+    switches it off); ``force_label=True`` labels every cell with its best class. ``majority_voting`` adds the
+    per-cluster majority of those labels over Leiden clusters of the embedding, or over ``adata.obs[over_clustering]``."""
     from dataclasses import replace
 
     predictor = model if isinstance(model, CellTypePredictor) else CellTypePredictor.load(model)
+    if over_clustering is not None and over_clustering not in adata.obs.columns:
+        raise DataError(f"over-clustering column {over_clustering!r} not in obs; columns: {list(adata.obs.columns)}")
     X, var_names, var = expression_matrix(adata, layer)
     validate_matrix(X, replace(predictor.preprocessing, input_is_log1p=input_is_log1p), f"AnnData ({layer or 'X'})")
     ids = var[gene_ids_key].astype(str).tolist() if gene_ids_key else None
     genes = gene_names(var_names, var, gene_symbols_key)
     result = predictor.predict_cells(X, genes, gene_ids=ids, input_is_log1p=input_is_log1p, batch_size=batch_size,
-                                     min_overlap=min_overlap, progress=progress)
+                                     min_overlap=min_overlap, progress=progress, coarse=coarse)
     probs, emb, ok = result.probs, result.embeddings, result.expressed
     classes = np.asarray(predictor.classes)
     order = np.argsort(-probs, axis=1)[:, :top_k]
-    labels = pd.Categorical(predictor.answer(probs, result.status, force_label),
-                            categories=[*predictor.classes, UNKNOWN])
+    answers, terms = predictor.answer_with_terms(probs, result.status, force_label)
+    coarse_names = [] if predictor.coarse_terms is None else list(predictor.coarse_terms.labels)
+    labels = pd.Categorical(answers, categories=list(dict.fromkeys([*predictor.classes, *coarse_names, UNKNOWN])))
     labels[~ok] = np.nan  # no expression in the model's genes: left unlabelled, never a made-up answer
     adata.obs[f"{key_added}_label"] = labels
+    adata.obs[f"{key_added}_ontology_term_id"] = pd.Categorical(np.where(ok, np.asarray(terms, dtype=object), None))
     adata.obs[f"{key_added}_best_guess"] = pd.Categorical(np.where(ok, classes[order[:, 0]], None),
                                                           categories=predictor.classes)
     adata.obs[f"{key_added}_confidence"] = np.where(ok, probs[np.arange(len(probs)), order[:, 0]], np.nan)
@@ -71,6 +86,15 @@ def annotate(
     if not ok.all():
         log.warning("%d of %d cells have no expression in the model's genes: their label is left empty "
                     "(obs[%r] == 'no_expression')", int((~ok).sum()), len(ok), f"{key_added}_status")
+    if majority_voting:
+        from scimilarity_lora.inference.majority import majority_vote, over_cluster
+
+        clusters = (adata.obs[over_clustering].astype("string").to_numpy(dtype=object, na_value=None)
+                    if over_clustering else over_cluster(adata.obsm["X_scimilarity"], seed=seed))
+        majority, frequency = majority_vote(np.asarray(labels, dtype=object), clusters)
+        adata.obs[f"{key_added}_over_clustering"] = pd.Categorical(clusters)
+        adata.obs[f"{key_added}_majority_voting"] = pd.Categorical(majority)
+        adata.obs[f"{key_added}_majority_frequency"] = frequency
     alignment = predictor.alignment(genes, ids, min_overlap)
     adata.uns[key_added] = {
         "classes": list(predictor.classes),
@@ -79,11 +103,16 @@ def annotate(
         "n_cells_without_expression": int((~ok).sum()),
         "status_counts": {s: int((result.status == s).sum()) for s in STATUSES},
         "force_label": bool(force_label),
+        "coarse": bool(coarse and predictor.coarse_terms is not None),
+        "majority_voting": bool(majority_voting),
+        # two lists, not a dict: class names such as "CD4+/CD25 T Reg" cannot be HDF5 keys
+        "class_ontology_terms": [predictor.class_terms.get(c) or "" for c in predictor.classes],
         "finetune": str(predictor.spec.finetune),
     }
     return adata
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Annotate an .h5ad with a trained scimilarity-lora model.")
     p.add_argument("model", help="a model directory (a run's model/) or a run directory")
@@ -96,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--force-labels", action="store_true", help="label every cell, never 'unknown'")
+    p.add_argument("--no-coarse", action="store_true",
+                   help="never answer a coarser Cell Ontology term for a hesitant cell ('unknown' instead)")
+    p.add_argument("--majority-voting", action="store_true",
+                   help="also write each over-cluster's majority label and its vote frequency (CellTypist-style)")
+    p.add_argument("--over-clustering", default=None,
+                   help="obs column of your own clusters for --majority-voting (default: Leiden on the embedding)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = Path(args.model)
@@ -104,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     adata = read_anndata(args.input)
     annotate(adata, model, layer=args.layer, input_is_log1p=args.log1p, gene_symbols_key=args.gene_symbols_key,
              gene_ids_key=args.gene_ids_key, batch_size=args.batch_size, top_k=args.top_k,
-             force_label=args.force_labels)
+             force_label=args.force_labels, coarse=not args.no_coarse,
+             majority_voting=args.majority_voting or args.over_clustering is not None,
+             over_clustering=args.over_clustering)
     adata.write_h5ad(args.output)
     counts = adata.obs["scimilarity_lora_label"].value_counts()
     log.info("annotated %d cells -> %s\n%s", adata.n_obs, args.output, counts.to_string())

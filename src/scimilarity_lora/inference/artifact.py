@@ -62,19 +62,22 @@ class ModelSpec:
     base: dict = field(default_factory=dict)
     #: rescue old/alias gene symbols when aligning (training's ``data.gene_aliases``)
     gene_aliases: bool = True
+    #: Cell Ontology: ``class_terms`` (class -> CL id or null), ``coarse_terms`` (the ancestors the model may
+    #: answer, each with its class indices), ``release``; empty for a model trained without CL ids
+    ontology: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "encoder": self.encoder.to_dict(), "classes": list(self.classes),
                 "preprocessing": self.preprocessing.to_dict(), "finetune": dict(self.finetune),
                 "head_scale": self.head_scale, "base": dict(self.base), "gene_aliases": self.gene_aliases,
-                "gene_order_sha256": gene_order_hash(self.genes)}
+                "gene_order_sha256": gene_order_hash(self.genes), "ontology": dict(self.ontology)}
 
     @classmethod
     def from_json(cls, d: dict, genes: list[str]) -> "ModelSpec":
         return cls(encoder=EncoderConfig.from_dict(d["encoder"]), genes=genes, classes=list(d["classes"]),
                    preprocessing=Preprocessing.from_dict(d["preprocessing"]), finetune=dict(d["finetune"]),
                    head_scale=float(d["head_scale"]), base=dict(d.get("base") or {}),
-                   gene_aliases=bool(d.get("gene_aliases", True)))
+                   gene_aliases=bool(d.get("gene_aliases", True)), ontology=dict(d.get("ontology") or {}))
 
 
 def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:

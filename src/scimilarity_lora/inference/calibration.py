@@ -26,7 +26,9 @@ CALIBRATION_FILE = "calibration.json"
 CENTROIDS_FILE = "centroids.safetensors"
 #: the answer for a cell the model declines to label
 UNKNOWN = "unknown"
-STATUSES = ("ok", "low_confidence", "novel", "no_expression")
+#: ok: a class; coarse: a Cell Ontology ancestor of the hesitant classes (see :mod:`.coarse`); low_confidence and
+#: novel: "unknown"; no_expression: nothing to classify
+STATUSES = ("ok", "coarse", "low_confidence", "novel", "no_expression")
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -98,16 +100,26 @@ class Calibration:
     centroids: np.ndarray  # classes x latent, unit norm
     target_accuracy: float = 0.9
     novelty_quantile: float = 0.99
+    #: answer a Cell Ontology ancestor when the classes under it pass the threshold together (``unknown.coarse``)
+    coarse: bool = True
+    #: ... only for cells at least this typical: novelty score within ``coarse_novelty_quantile`` (0.9) of validation
+    #: cells. A hesitant cell at the edge of the known classes (a cell of another tissue looks like that) stays
+    #: "unknown" rather than becoming a blood ancestor
+    coarse_novelty_threshold: float = float("inf")
+    coarse_novelty_quantile: float = 0.9
 
     @classmethod
     def fit(cls, val_logits: np.ndarray, val_y: np.ndarray, val_z: np.ndarray, train_z: np.ndarray,
             train_y: np.ndarray, n_classes: int, target_accuracy: float = 0.9,
-            novelty_quantile: float = 0.99) -> "Calibration":
+            novelty_quantile: float = 0.99, coarse: bool = True, coarse_novelty_quantile: float = 0.9
+            ) -> "Calibration":
         temperature = fit_temperature(val_logits, val_y)
         threshold = choose_threshold(softmax(val_logits, temperature), val_y, target_accuracy)
         centroids = class_centroids(train_z, train_y, n_classes)
-        novelty = float(np.quantile(novelty_scores(val_z, centroids), novelty_quantile))
-        return cls(round(temperature, 6), float(threshold), novelty, centroids, target_accuracy, novelty_quantile)
+        val_novelty = novelty_scores(val_z, centroids)
+        novelty = float(np.quantile(val_novelty, novelty_quantile))
+        return cls(round(temperature, 6), float(threshold), novelty, centroids, target_accuracy, novelty_quantile,
+                   coarse, float(np.quantile(val_novelty, coarse_novelty_quantile)), coarse_novelty_quantile)
 
     def status(self, probs: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Per cell: "ok", "novel" (far from every class) or "low_confidence" (calibrated ``probs`` below the
@@ -122,7 +134,9 @@ class Calibration:
         (folder / CALIBRATION_FILE).write_text(json.dumps({
             "temperature": self.temperature, "confidence_threshold": self.confidence_threshold,
             "novelty_threshold": self.novelty_threshold, "target_accuracy": self.target_accuracy,
-            "novelty_quantile": self.novelty_quantile, "novelty_score": "1 - max cosine to a class centroid"},
+            "novelty_quantile": self.novelty_quantile, "novelty_score": "1 - max cosine to a class centroid",
+            "coarse": self.coarse, "coarse_novelty_threshold": self.coarse_novelty_threshold,
+            "coarse_novelty_quantile": self.coarse_novelty_quantile},
             indent=2))
         save_file({"centroids": torch.from_numpy(np.ascontiguousarray(self.centroids, dtype=np.float32))},
                   folder / CENTROIDS_FILE)
@@ -135,4 +149,9 @@ class Calibration:
         d = json.loads((folder / CALIBRATION_FILE).read_text())
         centroids = load_file(folder / CENTROIDS_FILE)["centroids"].numpy()
         return cls(float(d["temperature"]), float(d["confidence_threshold"]), float(d["novelty_threshold"]),
-                   centroids, float(d["target_accuracy"]), float(d["novelty_quantile"]))
+                   centroids, float(d["target_accuracy"]), float(d["novelty_quantile"]), bool(d.get("coarse", True)),
+                   float(d.get("coarse_novelty_threshold", float("inf"))), float(d.get("coarse_novelty_quantile", 0.9)))
+
+    def coarse_allowed(self, z: np.ndarray) -> np.ndarray:
+        """Cells typical enough (in the embedding) to be answered with a coarser class."""
+        return novelty_scores(z, self.centroids) <= self.coarse_novelty_threshold

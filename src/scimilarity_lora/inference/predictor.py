@@ -19,6 +19,7 @@ import torch
 from scimilarity_lora.genes import GeneAlignment, align_genes, gene_positions, symbol_aliases
 from scimilarity_lora.inference.artifact import ModelSpec, read_model_dir
 from scimilarity_lora.inference.calibration import UNKNOWN, Calibration
+from scimilarity_lora.inference.coarse import CoarseTerms
 from scimilarity_lora.model.classifier import CellClassifier
 from scimilarity_lora.model.sparse import SparseBatch
 from scimilarity_lora.preprocess import EmptyCellError
@@ -36,6 +37,11 @@ class CellTypePredictor:
         self.genes, self.classes, self.preprocessing = tuple(spec.genes), list(spec.classes), spec.preprocessing
         self.gene_positions = gene_positions(self.genes)
         self.config = config or spec.to_json()
+        #: class -> CL id (None where unmapped; empty for a model trained without ids)
+        self.class_terms: dict[str, str | None] = dict(spec.ontology.get("class_terms") or {})
+        #: the coarser answers this model may give, when its calibration allows them (``unknown.coarse``)
+        self.coarse_terms = (CoarseTerms.from_ontology(spec.ontology, len(self.classes))
+                             if calibration is not None and calibration.coarse else None)
         self._alignments: dict[tuple, GeneAlignment] = {}
 
     @classmethod
@@ -82,16 +88,36 @@ class CellTypePredictor:
         logits, z = self.logits(x)
         return torch.softmax(logits / self.temperature, dim=1), z
 
-    def status(self, probs: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """Per cell "ok", "low_confidence" or "novel" (see :mod:`.calibration`); all "ok" without a calibration."""
+    def status(self, probs: np.ndarray, z: np.ndarray, coarse: bool = True) -> np.ndarray:
+        """Per cell "ok", "coarse", "low_confidence" or "novel" (see :mod:`.calibration` and :mod:`.coarse`); all
+        "ok" without a calibration. ``coarse=False`` never answers an ancestor."""
         if self.calibration is None:
             return np.full(len(probs), "ok", dtype=object)
-        return self.calibration.status(probs, z)
+        status = self.calibration.status(probs, z)
+        if coarse and self.coarse_terms is not None:
+            hesitant = (status == "low_confidence") & self.calibration.coarse_allowed(z)
+            if hesitant.any():
+                chosen = self.coarse_terms.choose(probs[hesitant], self.calibration.confidence_threshold)
+                status[np.flatnonzero(hesitant)[chosen >= 0]] = "coarse"
+        return status
 
     def answer(self, probs: np.ndarray, status: np.ndarray, force_label: bool = False) -> list[str]:
-        """The label to report per cell: the best class, or "unknown" unless ``force_label``."""
-        best = np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)]
-        return [b if force_label or s == "ok" else UNKNOWN for b, s in zip(best, status)]
+        """The label to report per cell: the best class, the coarse term's name (status "coarse"), or "unknown";
+        ``force_label`` always names the best class."""
+        return self.answer_with_terms(probs, status, force_label)[0]
+
+    def answer_with_terms(self, probs: np.ndarray, status: np.ndarray, force_label: bool = False
+                          ) -> tuple[list[str], list[str | None]]:
+        """(labels, CL ids): the answer per cell and its Cell Ontology id (None for "unknown" or an unmapped class)."""
+        best = np.asarray(self.classes, dtype=object)[probs.argmax(axis=1)] if len(probs) else np.array([], object)
+        labels = [b if force_label or s == "ok" else UNKNOWN for b, s in zip(best, status)]
+        terms = [self.class_terms.get(b) if label != UNKNOWN else None for b, label in zip(best, labels)]
+        coarse = np.flatnonzero(np.asarray(status, dtype=object) == "coarse") if not force_label else []
+        if len(coarse):
+            chosen = self.coarse_terms.choose(probs[coarse], self.calibration.confidence_threshold)
+            for i, t in zip(coarse, chosen):
+                labels[i], terms[i] = self.coarse_terms.labels[t], self.coarse_terms.ids[t]
+        return labels, terms
 
     def iter_batches(self, X: sp.spmatrix | np.ndarray, alignment: GeneAlignment, *, input_is_log1p: bool = False,
                      batch_size: int = 1024, progress: bool = False
@@ -119,7 +145,7 @@ class CellTypePredictor:
 
     def predict_cells(self, X: sp.spmatrix | np.ndarray, genes: Sequence[str], *,
                       gene_ids: Sequence[str] | None = None, input_is_log1p: bool = False, batch_size: int = 1024,
-                      min_overlap: int = 1, progress: bool = False) -> Predictions:
+                      min_overlap: int = 1, progress: bool = False, coarse: bool = True) -> Predictions:
         """Probabilities and embeddings of every cell, streamed in batches of rows, and which cells had any
         expression in the model's genes (the others have zero rows and must not be reported as classified)."""
         alignment = self.alignment(genes, gene_ids, min_overlap)
@@ -131,7 +157,7 @@ class CellTypePredictor:
             probs = torch.softmax(torch.from_numpy(logits) / self.temperature, dim=1).numpy()
             out.probs[rows], out.embeddings[rows], out.expressed[rows] = np.where(expressed[:, None], probs, 0), z, expressed
             status = out.status[rows]
-            status[expressed] = self.status(probs[expressed], z[expressed])
+            status[expressed] = self.status(probs[expressed], z[expressed], coarse=coarse)
         return out
 
     def predict(self, X: sp.spmatrix | np.ndarray, genes: Sequence[str], *, gene_ids: Sequence[str] | None = None,
@@ -150,4 +176,4 @@ class Predictions:
     probs: np.ndarray       # cells x classes (zeros where not expressed)
     embeddings: np.ndarray  # cells x latent (zeros where not expressed)
     expressed: np.ndarray   # cells: any expression in the model's genes
-    status: np.ndarray      # cells: "ok", "low_confidence", "novel" or "no_expression"
+    status: np.ndarray      # cells: "ok", "coarse", "low_confidence", "novel" or "no_expression"

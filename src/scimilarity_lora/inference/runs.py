@@ -32,11 +32,21 @@ class RunDirError(ValueError):
     pass
 
 
+def run_metrics(run_dir: Path) -> dict:
+    """A run's ``metrics.json`` plus the flat ``query/<name>/...`` figures of every query it was evaluated on
+    (``evaluation/query/<name>/metrics.json``), so a sweep can be ranked by how it labels another study."""
+    metrics = json.loads((Path(run_dir) / METRICS_FILE).read_text())
+    for extra in sorted(Path(run_dir).glob("evaluation/query/*/metrics.json")):
+        metrics.update(json.loads(extra.read_text()))
+    return metrics
+
+
 def best_run(multirun_dir: Path, metric: str = SELECT_METRIC) -> Path:
-    """The run of a sweep with the highest ``metric`` in its metrics.json."""
+    """The run of a sweep with the highest ``metric`` in its metrics (training's, or a query's: see
+    :func:`run_metrics`)."""
     scores = []
     for metrics_file in sorted(multirun_dir.glob("*/metrics.json")):
-        value = json.loads(metrics_file.read_text()).get(metric)
+        value = run_metrics(metrics_file.parent).get(metric)
         if isinstance(value, (int, float)) and not math.isnan(value):
             scores.append((float(value), metrics_file.parent))
     if not scores:

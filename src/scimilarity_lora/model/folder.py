@@ -282,17 +282,19 @@ def load_base(
     """SCimilarity's weights from ``pretrained_dir`` or, without one, a randomly initialised stand-in.
 
     With ``pretrained_dir`` the folder defines the architecture and the gene order: sizes given here must agree with
-    it (an error names both), and a ``gene_order`` is refused. The stand-in has SCimilarity's architecture (or the
+    it (an error names both), and so must a ``gene_order``. The stand-in has SCimilarity's architecture (or the
     sizes given) over ``gene_order`` (``"scimilarity"`` for the packaged 28,231 genes, or a file) or else over the
     dataset's own genes. It is *not* SCimilarity: results from it say nothing about the pretrained model, so we
     warn loudly.
     """
     if pretrained_dir:
-        if gene_order:
-            raise ModelFolderError(f"model.gene_order={gene_order!r} with model.pretrained_dir={pretrained_dir!r}: "
-                                   "a model folder carries its own gene_order.tsv; unset model.gene_order "
-                                   "(or choose a random stand-in over that order: model=random)")
         encoder, genes = load_model_folder(pretrained_dir, dropout, input_dropout)
+        if gene_order and list(resolve_gene_order(gene_order)) != list(genes):
+            raise ModelFolderError(
+                f"model.gene_order={gene_order!r} ({len(resolve_gene_order(gene_order)):,} genes) but the model folder "
+                f"{pretrained_dir} has another gene order ({len(genes):,} genes in its gene_order.tsv); the folder "
+                "defines it: set model.gene_order=null (data=h5ad picks model=scimilarity_full, whose gene_order is "
+                "SCimilarity's 28,231 genes)")
         _check_sizes(encoder.config, latent_dim, hidden_dim, pretrained_dir)
         return BaseModel(encoder, genes, True, str(pretrained_dir))
     if gene_order:

@@ -77,10 +77,15 @@ class RankedType(BaseModel):
 
 
 class Prediction(BaseModel):
-    cell_type: str = Field(description='the cell type, or "unknown" when status is not "ok" (unless force_label)')
-    status: Literal["ok", "low_confidence", "novel"] = Field(
-        description="ok; low_confidence: calibrated confidence below the model's threshold; novel: the embedding is "
-                    "farther from every training class than validation cells are")
+    cell_type: str = Field(description='the cell type; with status "coarse" the Cell Ontology ancestor of the '
+                                       'classes the model hesitates between (e.g. "T cell"); "unknown" for '
+                                       'low_confidence and novel (unless force_label)')
+    cell_type_ontology_term_id: str | None = Field(
+        None, description="the Cell Ontology id of cell_type; absent for unknown, or a class without one")
+    status: Literal["ok", "coarse", "low_confidence", "novel"] = Field(
+        description="ok; coarse: the best class is under the confidence threshold but the classes under one Cell "
+                    "Ontology term together pass it; low_confidence: calibrated confidence below the model's "
+                    "threshold; novel: the embedding is farther from every training class than validation cells are")
     best_guess: str = Field(description="the most probable cell type, whatever the status")
     confidence: float = Field(ge=0, le=1, description="calibrated probability of best_guess")
     top_k: list[RankedType]

@@ -226,9 +226,9 @@ class SCimilarityLoRA:
                      pred: CellTypePredictor | None = None) -> list[dict[str, Any]]:
         pred = pred or self.predictor
         status = pred.status(probs, z)
-        answers = pred.answer(probs, status, force_label)
-        return [{"cell_type": answer, "status": s, **self._ranking(p, top_k, pred)}
-                for p, s, answer in zip(probs, status, answers)]
+        answers, terms = pred.answer_with_terms(probs, status, force_label)
+        return [{"cell_type": answer, **({"cell_type_ontology_term_id": term} if term else {}), "status": s,
+                 **self._ranking(p, top_k, pred)} for p, s, answer, term in zip(probs, status, answers, terms)]
 
     def _ranking(self, probs: np.ndarray, top_k: int, pred: CellTypePredictor) -> dict[str, Any]:
         order = np.argsort(-probs)[:top_k]

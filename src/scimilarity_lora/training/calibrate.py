@@ -15,7 +15,8 @@ from scimilarity_lora.model.classifier import CellClassifier
 
 @torch.no_grad()
 def fit_calibration(classifier: CellClassifier, datamodule: Any, n_classes: int, target_accuracy: float = 0.9,
-                    novelty_quantile: float = 0.99) -> Calibration:
+                    novelty_quantile: float = 0.99, coarse: bool = True,
+                    coarse_novelty_quantile: float = 0.9) -> Calibration:
     was_training = classifier.training
     classifier.eval()
     sums = np.zeros((n_classes, classifier.latent_dim), dtype=np.float64)
@@ -35,4 +36,5 @@ def fit_calibration(classifier: CellClassifier, datamodule: Any, n_classes: int,
     present = counts > 0
     means = (sums[present] / counts[present, None]).astype(np.float32)
     return Calibration.fit(np.concatenate(logits), np.concatenate(ys), np.concatenate(zs), means,
-                           np.flatnonzero(present), n_classes, target_accuracy, novelty_quantile)
+                           np.flatnonzero(present), n_classes, target_accuracy, novelty_quantile, coarse,
+                           coarse_novelty_quantile)

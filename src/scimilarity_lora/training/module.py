@@ -70,6 +70,7 @@ class CellTypeClassifier(L.LightningModule):
         base: dict | None = None,
         gene_aliases: bool = True,
         base_state_dict: dict[str, torch.Tensor] | None = None,
+        ontology: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "base_state_dict"], logger=False)
@@ -179,7 +180,8 @@ class CellTypeClassifier(L.LightningModule):
         return ModelSpec(encoder=EncoderConfig.from_dict(hp["encoder_config"]), genes=list(hp["gene_order"]),
                          classes=self.classes, preprocessing=Preprocessing.from_dict(hp["preprocessing"]),
                          finetune=self.finetune.to_dict(), head_scale=float(hp["head_scale"]),
-                         base=dict(hp["base"] or {}), gene_aliases=bool(hp["gene_aliases"]))
+                         base=dict(hp["base"] or {}), gene_aliases=bool(hp["gene_aliases"]),
+                         ontology=dict(hp.get("ontology") or {}))
 
     def parameter_counts(self) -> dict[str, int]:
         trainable, total = count_parameters(self)

@@ -93,6 +93,16 @@ def base_identity(base: BaseModel, base_store: str | None = None) -> dict[str, A
     return {"is_pretrained": base.is_pretrained, "source": base.source, "path": path, "sha256": sha256}
 
 
+def class_ontology(datamodule: Any) -> dict[str, Any]:
+    """Class -> CL id, the coarse terms and the CL release, for the model directory; {} when no class has an id."""
+    from scimilarity_lora.data.ontology import ontology_record
+
+    terms = datamodule.class_terms()
+    if not any(terms.values()):
+        return {}
+    return ontology_record(terms, list(datamodule.labels.classes))
+
+
 def class_weights(y: np.ndarray, n_classes: int) -> list[float]:
     """Inverse-frequency weights, normalised to mean 1 over the classes present."""
     counts = np.bincount(y, minlength=n_classes).astype(float)
@@ -164,6 +174,7 @@ def run(cfg: DictConfig) -> float | None:
         base=identity,
         gene_aliases=bool(datamodule.gene_aliases),
         base_state_dict=base.encoder.state_dict(),
+        ontology=class_ontology(datamodule),
         **extra,
     )
     frozen_genes = model.set_seen_genes(datamodule.seen_genes())
@@ -198,6 +209,8 @@ def run(cfg: DictConfig) -> float | None:
         metrics["best_checkpoint"] = best_path if keep_best else None
         metrics["tags"] = list(cfg.get("tags") or [])
         metrics["lora_unseen_genes_frozen"] = frozen_genes
+        metrics["ontology"] = {k: model.hparams["ontology"].get(k) for k in ("class_terms", "unmapped_classes", "release")
+                               } if model.hparams.get("ontology") else None
         metrics["wandb_group"] = _sweep_group(cfg)
         if trainer.is_global_zero:
             _write_outputs(out, cfg, model, datamodule, best_path, metrics, history)
@@ -258,9 +271,12 @@ def _write_outputs(out: Path, cfg, model, datamodule, best_path: str, metrics: d
     extra = {"metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
              "training_config": OmegaConf.to_container(cfg, resolve=True)}
     save_model_dir(best.model, best.spec(), out / MODEL_DIR, extra=extra, seen_genes=best.seen_genes)
+    unknown = cfg.get("unknown", {})
     calibration = fit_calibration(best.model, datamodule, len(best.classes),
-                                  target_accuracy=float(cfg.get("unknown", {}).get("target_accuracy", 0.9)),
-                                  novelty_quantile=float(cfg.get("unknown", {}).get("novelty_quantile", 0.99)))
+                                  target_accuracy=float(unknown.get("target_accuracy", 0.9)),
+                                  novelty_quantile=float(unknown.get("novelty_quantile", 0.99)),
+                                  coarse=bool(unknown.get("coarse", True)),
+                                  coarse_novelty_quantile=float(unknown.get("coarse_novelty_quantile", 0.9)))
     calibration.save(out / MODEL_DIR)
     metrics["unknown"] = {"temperature": calibration.temperature,
                           "confidence_threshold": calibration.confidence_threshold,
