@@ -120,3 +120,26 @@ def test_inference_aligns_through_aliases_like_training(real_gene_order):
     np.testing.assert_allclose(old, new, atol=1e-7)
     assert predictor.alignment(["TCEB2", "CD3D"]).n_overlap == 2
     assert make_predictor(real_gene_order, gene_aliases=False).alignment(["TCEB2", "CD3D"]).n_overlap == 1
+
+
+def test_ambiguous_alias_symbols_are_logged_once_per_gene_list_not_once_per_gene(caplog):
+    """A request naming many ambiguous alias symbols wrote one WARNING per gene (503 lines for one request)."""
+    import logging
+    from collections import defaultdict
+
+    from scimilarity_lora.genes import align_genes, scimilarity_gene_order, symbol_aliases
+
+    order = scimilarity_gene_order()
+    in_order = set(order)
+    by_target = defaultdict(list)
+    for alias, target in symbol_aliases().items():
+        if target in in_order and alias not in in_order:
+            by_target[target].append(alias)
+    groups = [aliases[:2] for aliases in by_target.values() if len(aliases) >= 2][:50]
+    assert len(groups) == 50
+    data = [g for pair in groups for g in pair] + order[:100]
+    with caplog.at_level(logging.WARNING, logger="scimilarity_lora.genes"):
+        alignment = align_genes(data, order, aliases=symbol_aliases())
+    lines = [r for r in caplog.records if "old/alias" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].getMessage().startswith("50 model genes are named by several")
+    assert alignment.n_overlap == 100  # none of the ambiguous symbols is used

@@ -264,3 +264,17 @@ def test_each_pretraining_epoch_draws_its_own_class_balanced_batches(tmp_path):
     (e0, labels0), (e1, labels1) = epoch_recorder.SEEN
     assert (e0, e1) == (0, 1)
     assert labels0 != labels1  # another order (labels of the first batch, class-balanced part first)
+
+
+def test_pretraining_refuses_a_training_data_option_with_the_pretraining_form():
+    """`python pretrain.py data=h5ad data.path=cells.h5ad` (how train.py takes a file) ended in an AttributeError."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    res = subprocess.run([sys.executable, "pretrain.py", "data=h5ad", "data.path=cells.h5ad"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: data=h5ad is a training data option; pretraining takes its inputs as "
+                                 "data.files=")

@@ -207,6 +207,7 @@ def align_genes(
 
     source, target, unknown = [], [], []
     taken: dict[int, str] = {}
+    clashes: list[tuple[str, str, str]] = []
     for i, (symbol, gene_id) in enumerate(zip(data_genes, ids)):
         j = position.get(symbol)
         if j is None and gene_id is not None:
@@ -214,14 +215,16 @@ def align_genes(
         if j is None:
             unknown.append(symbol)
             continue
-        if j in taken:  # symbol of one gene equals the id of another: keep the first, say so
-            log.warning("genes %r and %r both map to model gene %r; keeping %r", taken[j], symbol,
-                        model_genes[j], taken[j])
+        if j in taken:  # symbol of one gene equals the id of another: keep the first, say so (once, below)
+            clashes.append((taken[j], symbol, model_genes[j]))
             unknown.append(symbol)
             continue
         taken[j] = symbol
         source.append(i)
         target.append(j)
+    if clashes:  # one line per gene list, never one per gene: a request can name thousands
+        log.warning("%d data genes map to a model gene another data gene already provides; the first is kept "
+                    "(e.g. %r and %r -> %r)", len(clashes), *clashes[0])
     rescued: list[tuple[str, str]] = []
     if aliases and unknown:
         unknown, rescued = _rescue_by_alias(unknown, aliases, position, taken, data_genes, source, target)
@@ -272,9 +275,12 @@ def _rescue_by_alias(unknown: list[str], aliases: Mapping[str, str], position: M
     index = {g: i for i, g in enumerate(data_genes)}
     rescued_symbols: set[str] = set()
     rescued: list[tuple[str, str]] = []
+    ambiguous = [symbols for symbols in claims.values() if len(symbols) != 1]
+    if ambiguous:  # one line with a count, not one per gene (503 lines for one request before)
+        log.warning("%d model genes are named by several old/alias symbols of the data, so none of those is used "
+                    "(e.g. %s -> %r)", len(ambiguous), ambiguous[0], aliases[ambiguous[0][0]])
     for j, symbols in claims.items():
         if len(symbols) != 1:
-            log.warning("old/alias symbols %s all name model gene %r; none is used", symbols, aliases[symbols[0]])
             continue
         taken[j] = symbols[0]
         source.append(index[symbols[0]])

@@ -111,7 +111,7 @@ def score(predictor: CellTypePredictor, labels: np.ndarray, result, matches: dic
 
     related = matched | (kind == "ancestor")
     onto = [ontology_correct(matches[x], p, predictor.class_terms) for x, p in zip(labels[related], best[related])]
-    report["ontology_aware_accuracy"] = float(np.mean(onto)) if onto else None
+    report["ontology_aware_accuracy"] = round(float(np.mean(onto)), 4) if onto else None
     report["n_cells_ontology_aware"] = int(related.sum())
 
     answers, terms = predictor.answer_with_terms(result.probs, result.status)

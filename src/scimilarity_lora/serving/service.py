@@ -100,7 +100,9 @@ async def _admin_adapters(request: Request) -> JSONResponse:
                                       "SCIMILARITY_LORA_ADMIN_TOKEN)"}, status_code=404)
     import hmac
 
-    if not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {SETTINGS.admin_token}"):
+    # bytes, not str: compare_digest raises on non-ASCII str, and a header is whatever a client sends
+    given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given, f"Bearer {SETTINGS.admin_token}".encode("utf-8")):
         return JSONResponse({"error": "missing or wrong admin token"}, status_code=401)
     loop = asyncio.get_running_loop()
     if request.method == "DELETE":
@@ -173,6 +175,7 @@ class SCimilarityLoRA:
             "base": spec.base,
             "base_is_pretrained": bool(spec.base.get("is_pretrained")),
             "training_metrics": info.metadata.get("metrics", {}),
+            "class_ontology_terms": self.predictor.class_terms,
             "unknown": None if self.predictor.calibration is None else {
                 "temperature": self.predictor.calibration.temperature,
                 "confidence_threshold": self.predictor.calibration.confidence_threshold,
