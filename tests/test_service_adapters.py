@@ -90,7 +90,7 @@ def test_adapters_are_added_and_removed_while_serving_with_the_admin_token(serve
     assert requests.post(admin, json={"model": "pbmc_frozen"}, timeout=30).status_code == 401
     assert requests.post(admin, json={"model": "pbmc_frozen"}, headers={"authorization": "Bearer nope"},
                          timeout=30).status_code == 401
-    assert requests.post(admin, json={"model": "no_such_model"}, headers=auth, timeout=30).status_code == 400
+    assert requests.post(admin, json={"model": "no_such_model"}, headers=auth, timeout=30).status_code == 404
     r = requests.post(admin, json={"model": "pbmc_frozen"}, headers=auth, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["models"] == ["pbmc_bulk", "pbmc_frozen", "pbmc_louvain"]

@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from scimilarity_lora.genes import GeneAlignment, align_genes, gene_positions, symbol_aliases
+from scimilarity_lora.inference.alignment_cache import AlignmentCache
 from scimilarity_lora.inference.artifact import ModelSpec, read_model_dir
 from scimilarity_lora.inference.calibration import UNKNOWN, Calibration
 from scimilarity_lora.inference.coarse import CoarseTerms
@@ -29,7 +30,7 @@ class CellTypePredictor:
     """A merged classifier with the gene order, classes and preprocessing it was trained with."""
 
     def __init__(self, classifier: CellClassifier, spec: ModelSpec, config: dict | None = None,
-                 calibration: Calibration | None = None) -> None:
+                 calibration: Calibration | None = None, alignments: AlignmentCache | None = None) -> None:
         self.classifier = classifier.eval()
         self.spec = spec
         #: temperature, confidence threshold and novelty detector fitted by training (None: every answer is a label)
@@ -42,7 +43,8 @@ class CellTypePredictor:
         #: the coarser answers this model may give, when its calibration allows them (``unknown.coarse``)
         self.coarse_terms = (CoarseTerms.from_ontology(spec.ontology, len(self.classes))
                              if calibration is not None and calibration.coarse else None)
-        self._alignments: dict[tuple, GeneAlignment] = {}
+        #: gene alignments per gene list: bounded by bytes, thread-safe, shareable by the adapters of one base
+        self.alignments = alignments if alignments is not None else AlignmentCache()
 
     @classmethod
     def load(cls, path: str | Path) -> "CellTypePredictor":
@@ -56,15 +58,13 @@ class CellTypePredictor:
     # -- featurisation (the shared path) ---------------------------------------------------------------------
     def alignment(self, data_genes: Sequence[str], data_gene_ids: Sequence[str] | None = None,
                   min_overlap: int = 1) -> GeneAlignment:
-        """Cached per gene list: a million-cell file or a stream of requests with one gene panel aligns once."""
-        key = (tuple(data_genes), tuple(data_gene_ids) if data_gene_ids is not None else None, min_overlap)
-        if key not in self._alignments:
-            if len(self._alignments) > 64:
-                self._alignments.clear()
-            self._alignments[key] = align_genes(data_genes, self.genes, data_gene_ids=data_gene_ids,
-                                                min_overlap=min_overlap, model_positions=self.gene_positions,
-                                                aliases=symbol_aliases() if self.spec.gene_aliases else None)
-        return self._alignments[key]
+        """Cached per gene list (see :mod:`.alignment_cache`): a million-cell file or a stream of requests with one
+        gene panel aligns once."""
+        key = (tuple(data_genes), tuple(data_gene_ids) if data_gene_ids is not None else None, min_overlap,
+               bool(self.spec.gene_aliases), id(self.gene_positions))
+        return self.alignments.get(key, lambda: align_genes(
+            data_genes, self.genes, data_gene_ids=data_gene_ids, min_overlap=min_overlap,
+            model_positions=self.gene_positions, aliases=symbol_aliases() if self.spec.gene_aliases else None))
 
     def featurize(self, X: sp.spmatrix | np.ndarray, alignment: GeneAlignment, input_is_log1p: bool = False,
                   output: str = "dense") -> "torch.Tensor | SparseBatch":

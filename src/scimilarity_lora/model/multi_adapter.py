@@ -98,6 +98,11 @@ class MultiAdapterClassifier(nn.Module):
 
     # -- the set of adapters ----------------------------------------------------------------------------------
     def add(self, adapter: Adapter) -> None:
+        self.check(adapter)
+        self.adapters[adapter.name] = adapter
+
+    def check(self, adapter: Adapter) -> None:
+        """Refuse an adapter that does not fit the base, before anything is registered."""
         for module, u in adapter.updates.items():
             linear = self._linears.get(module)
             if linear is None:
@@ -108,7 +113,6 @@ class MultiAdapterClassifier(nn.Module):
         if adapter.head.linear.in_features != self.base.latent_dim:
             raise AdapterError(f"adapter {adapter.name!r}'s head reads {adapter.head.linear.in_features} dimensions, "
                                f"the base embeds in {self.base.latent_dim}")
-        self.adapters[adapter.name] = adapter
 
     def remove(self, name: str) -> Adapter:
         return self.adapters.pop(name)
@@ -129,18 +133,21 @@ class MultiAdapterClassifier(nn.Module):
         return add_updates
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    def forward(self, x: torch.Tensor, names: Sequence[str], adapters: dict[str, Adapter] | None = None
+                ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Dense ``x`` (rows preprocessed for the base's genes) and the adapter name of each row ->
-        (embeddings of every row, ``{name: (row indices, logits of those rows)}``)."""
+        (embeddings of every row, ``{name: (row indices, logits of those rows)}``). ``adapters``: the set to use
+        (a snapshot the caller holds), else the registered ones."""
         if len(names) != x.shape[0]:
             raise ValueError(f"{len(names)} adapter names for {x.shape[0]} rows")
-        unknown = sorted(set(names) - set(self.adapters))
+        adapters = self.adapters if adapters is None else adapters
+        unknown = sorted(set(names) - set(adapters))
         if unknown:
             raise KeyError(f"unknown adapters {unknown}; served: {sorted(self.adapters)}")
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             groups.setdefault(name, []).append(i)
-        self._groups = [(self.adapters[n], torch.tensor(rows, dtype=torch.long)) for n, rows in groups.items()]
+        self._groups = [(adapters[n], torch.tensor(rows, dtype=torch.long)) for n, rows in groups.items()]
         try:
             z = self.base(x)
         finally:
@@ -148,5 +155,5 @@ class MultiAdapterClassifier(nn.Module):
         out = {}
         for name, rows in groups.items():
             index = torch.tensor(rows, dtype=torch.long)
-            out[name] = (index, self.adapters[name].head(z.index_select(0, index)))
+            out[name] = (index, adapters[name].head(z.index_select(0, index)))
         return z, out

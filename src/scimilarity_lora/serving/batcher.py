@@ -57,7 +57,11 @@ class MicroBatcher:
                         fut.set_exception(e)
                 continue
             for (_, fut, _), answer in zip(items, answers):
-                if not fut.done():
+                if fut.done():
+                    continue
+                if isinstance(answer, BaseException):  # this request alone (e.g. its adapter was just removed)
+                    fut.set_exception(answer)
+                else:
                     fut.set_result(answer)
 
     def _forward(self, xs: list[torch.Tensor], names: list[str | None]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -65,10 +69,11 @@ class MicroBatcher:
         self.rows_run += sum(x.shape[0] for x in xs)
         if self.forward is not None:
             return self.forward(xs, names)
-        probs, emb = self.predictor.forward(torch.cat(xs) if len(xs) > 1 else xs[0])
+        predictor = self.predictor
+        probs, emb = predictor.forward(torch.cat(xs) if len(xs) > 1 else xs[0])
         probs, emb = probs.numpy(), emb.numpy()
         out, start = [], 0
         for x in xs:
-            out.append((probs[start:start + x.shape[0]], emb[start:start + x.shape[0]]))
+            out.append((probs[start:start + x.shape[0]], emb[start:start + x.shape[0]], predictor))
             start += x.shape[0]
         return out

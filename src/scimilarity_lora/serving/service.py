@@ -34,15 +34,19 @@ from scimilarity_lora.genes import GeneAlignment, GeneAlignmentError
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.preprocess import InvalidExpressionError
 from scimilarity_lora.serving import client_errors
-from scimilarity_lora.serving.adapter_set import AdapterSet, adapter_tags
+from scimilarity_lora.model.multi_adapter import AdapterError
+from scimilarity_lora.serving.adapter_set import AdapterGone, AdapterSet, adapter_tags
 from scimilarity_lora.serving.batcher import MicroBatcher
 from scimilarity_lora.serving.middleware import RequestGuard, ShortErrors
 from scimilarity_lora.serving.openapi import CompleteOpenAPI
 from scimilarity_lora.serving.parsing import gene_error_message, parse_npz, sparse_matrix
 from scimilarity_lora.serving.schemas import BatchRequest, CellRequest, EmbedRequest, SparseCells
+from scimilarity_lora.serving.served_set import ServedSetFile
 from scimilarity_lora.serving.settings import SETTINGS
 
 log = logging.getLogger(__name__)
+#: a model tag of the BentoML store: name or name:version
+MODEL_TAG = __import__("re").compile(r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?")
 
 
 def _service() -> "SCimilarityLoRA | None":
@@ -57,6 +61,7 @@ async def _metadata(request: Request) -> JSONResponse:
     svc = _service()
     if svc is None:
         return JSONResponse({"error": "model not loaded yet"}, status_code=503)
+    await svc.sync_served_set()
     return JSONResponse(svc.metadata)
 
 
@@ -73,25 +78,30 @@ async def _predict_batch_npz(request: Request) -> JSONResponse:
         return (batch, *svc.featurize(batch.X, batch.genes, batch.values))
 
     try:
+        await svc.sync_served_set()
         batch, x, alignment = await svc.off_loop(prepare)
+        probs, z, pred = await svc.infer(x, None)
     except InvalidArgument as e:
         return JSONResponse({"error": str(e)}, status_code=400)
-    probs, z = await svc.batcher.run(x)
+    except NotFound as e:
+        return JSONResponse({"error": str(e)}, status_code=404)
     return JSONResponse(svc.batch_response(probs, z, batch.top_k, [alignment.n_overlap] * len(probs),
-                                           batch.force_label))
+                                           batch.force_label, pred))
 
 
 async def _models(request: Request) -> JSONResponse:
     svc = _service()
     if svc is None:
         return JSONResponse({"error": "model not loaded yet"}, status_code=503)
+    await svc.sync_served_set()
     return JSONResponse({"models": svc.models(), "default": svc.default_model})
 
 
 async def _admin_adapters(request: Request) -> JSONResponse:
     """Add (POST {"model": "<name or name:version in the store>"}) or remove (DELETE .../adapters/<name>) an adapter
     while the server runs. Guarded by ``SCIMILARITY_LORA_ADMIN_TOKEN`` (``Authorization: Bearer <token>``); without
-    that variable the endpoint does not exist. Changes run on the inference thread, between forward passes."""
+    that variable the endpoint does not exist. An adapter is read and checked completely before it is registered;
+    the change is recorded for every worker and the next start (see :mod:`.served_set`)."""
     svc = _service()
     if svc is None:
         return JSONResponse({"error": "model not loaded yet"}, status_code=503)
@@ -104,24 +114,36 @@ async def _admin_adapters(request: Request) -> JSONResponse:
     given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
     if not hmac.compare_digest(given, f"Bearer {SETTINGS.admin_token}".encode("utf-8")):
         return JSONResponse({"error": "missing or wrong admin token"}, status_code=401)
-    loop = asyncio.get_running_loop()
+    await svc.sync_served_set(force=True)
     if request.method == "DELETE":
         name = request.path_params.get("name", "")
-        if name not in svc.adapters.predictors:
-            return JSONResponse({"error": f"unknown model {name!r}; served: {sorted(svc.adapters.predictors)}"},
+        if name not in svc.adapters.served:
+            return JSONResponse({"error": f"unknown model {name!r}; served: {sorted(svc.adapters.served)}"},
                                 status_code=404)
         if name == svc.default_model:
             return JSONResponse({"error": f"{name!r} is the default model; it cannot be removed"}, status_code=409)
-        await loop.run_in_executor(svc.batcher.executor, svc.adapters.remove, name)
-        return JSONResponse({"removed": name, "models": sorted(svc.adapters.predictors)})
+        await svc.on_inference_thread(svc.adapters.remove, name)
+        svc.record_served_set()
+        return JSONResponse({"removed": name, "models": sorted(svc.adapters.served)})
     try:
         body = await request.json()
-        tag = body["model"]
+    except ValueError:
+        return JSONResponse({"error": "the body must be JSON: {\"model\": \"<name or name:version>\"}"},
+                            status_code=400)
+    tag = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(tag, str) or not MODEL_TAG.fullmatch(tag):
+        return JSONResponse({"error": "'model' must be a model tag of the store: name or name:version (letters, "
+                                      f"digits, '_', '-', '.'), got {str(tag)[:100]!r}"}, status_code=400)
+    try:
         model = bentoml.models.get(tag)
-        await loop.run_in_executor(svc.batcher.executor, svc.adapters.add, model.tag.name, model.path, str(model.tag))
-    except (ValueError, KeyError, TypeError, bentoml.exceptions.NotFound) as e:
-        return JSONResponse({"error": f"cannot add that adapter: {e}"}, status_code=400)
-    return JSONResponse({"added": model.tag.name, "models": sorted(svc.adapters.predictors)})
+        served = await svc.off_loop(svc.adapters.build, model.tag.name, model.path, str(model.tag))
+    except bentoml.exceptions.NotFound:
+        return JSONResponse({"error": f"no model {tag!r} in the model store"}, status_code=404)
+    except (AdapterError, bentoml.exceptions.BentoMLException, ValueError) as e:
+        return JSONResponse({"error": f"cannot add {tag!r}: {e}"}, status_code=400)
+    await svc.on_inference_thread(svc.adapters.register, served)
+    svc.record_served_set()
+    return JSONResponse({"added": model.tag.name, "tag": str(model.tag), "models": sorted(svc.adapters.served)})
 
 
 v1_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]), Route("/models", _models, methods=["GET"]),
@@ -146,55 +168,139 @@ class SCimilarityLoRA:
     def __init__(self) -> None:
         client_errors.install()
         torch.set_num_threads(SETTINGS.torch_threads)
-        info = self.model.info
+        self.model_info = info = self.model.info
         self.adapters: AdapterSet | None = None
+        self.served_file: ServedSetFile | None = None
+        self._sync_lock: asyncio.Lock | None = None
         if info.labels.get("kind") == "base":  # one base, many adapters (see adapter_set.py)
             self.adapters = AdapterSet(self.model.path, info.metadata["sha256"])
-            for tag in adapter_tags(info.metadata["sha256"], SETTINGS.adapters):
-                model = bentoml.models.get(tag)
-                self.adapters.add(model.tag.name, model.path, str(model.tag))
-            if not self.adapters.predictors:
-                raise RuntimeError(f"no adapter of base {info.tag} in the model store (export --adapter)")
-            self.default_model = SETTINGS.default_model or sorted(self.adapters.predictors)[0]
-            self.predictor = self.adapters.predictors[self.default_model]
+            tags = adapter_tags(info.metadata["sha256"], SETTINGS.adapters)
+            if SETTINGS.admin_token:  # the set the admin endpoint last recorded, if any, survives restarts
+                self.served_file = ServedSetFile(info.metadata["sha256"])
+                recorded = self.served_file.read()
+                tags = recorded if recorded is not None else tags
+                self.served_file.seen_mtime = self.served_file.mtime()
+            for tag in tags:
+                self._add_or_skip(tag)
+            if not self.adapters.served:
+                raise RuntimeError(f"no servable adapter of base {info.tag} in the model store (export --adapter)")
+            default = SETTINGS.default_model
+            if default and default not in self.adapters.served:
+                log.warning("SCIMILARITY_LORA_DEFAULT_MODEL=%s is not served; the default is %s", default,
+                            sorted(self.adapters.served)[0])
+                default = None
+            self.default_model = default or sorted(self.adapters.served)[0]
             self.batcher = MicroBatcher(None, SETTINGS.max_batch_rows, forward=self._adapter_forward)
         else:
             self.default_model = info.tag.name
-            self.predictor = CellTypePredictor.load(self.model.path)
-            self.batcher = MicroBatcher(self.predictor, SETTINGS.max_batch_rows)
+            self._single = CellTypePredictor.load(self.model.path)
+            self.batcher = MicroBatcher(self._single, SETTINGS.max_batch_rows)
         self.cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="featurize")
-        spec = self.predictor.spec
-        self.metadata = {
-            "model_tag": str(info.tag),
-            "classes": self.predictor.classes,
-            "n_genes": len(self.predictor.genes),
-            "latent_dim": self.predictor.latent_dim,
-            "preprocessing": self.predictor.preprocessing.to_dict(),
+        log.info("serving %s: %d classes, %d genes", info.tag, len(self.predictor.classes), len(self.predictor.genes))
+
+    def _add_or_skip(self, tag: str) -> None:
+        """Serve one adapter of the store, or skip it with one line saying why: one broken adapter must not stop
+        the others (it crash-looped the worker before)."""
+        try:
+            model = bentoml.models.get(tag)
+            self.adapters.add(model.tag.name, model.path, str(model.tag))
+        except (AdapterError, bentoml.exceptions.BentoMLException, ValueError, OSError) as e:
+            log.warning("skipping adapter %s: %s", tag, str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
+
+    @property
+    def predictor(self) -> CellTypePredictor:
+        """The default model's predictor, as served now (an adapter can be replaced while serving)."""
+        return self.adapters.served[self.default_model].predictor if self.adapters else self._single
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        pred, spec = self.predictor, self.predictor.spec
+        metrics = (self.adapters.served[self.default_model].info["metrics"] if self.adapters
+                   else self.model_info.metadata.get("metrics", {}))
+        return {
+            "model_tag": (self.adapters.served[self.default_model].info["tag"] if self.adapters
+                          else str(self.model_info.tag)),
+            "classes": pred.classes,
+            "class_ontology_terms": pred.class_terms,
+            "n_genes": len(pred.genes),
+            "latent_dim": pred.latent_dim,
+            "preprocessing": pred.preprocessing.to_dict(),
             "gene_aliases": spec.gene_aliases,
             "finetune": spec.finetune,
             "base": spec.base,
             "base_is_pretrained": bool(spec.base.get("is_pretrained")),
-            "training_metrics": info.metadata.get("metrics", {}),
-            "class_ontology_terms": self.predictor.class_terms,
-            "unknown": None if self.predictor.calibration is None else {
-                "temperature": self.predictor.calibration.temperature,
-                "confidence_threshold": self.predictor.calibration.confidence_threshold,
-                "novelty_threshold": self.predictor.calibration.novelty_threshold},
+            "training_metrics": metrics,
+            "unknown": None if pred.calibration is None else {
+                "temperature": pred.calibration.temperature,
+                "confidence_threshold": pred.calibration.confidence_threshold,
+                "novelty_threshold": pred.calibration.novelty_threshold},
             "limits": {"max_genes_per_cell": SETTINGS.max_genes, "max_cells": SETTINGS.max_cells,
                        "max_body_bytes": SETTINGS.max_body_bytes},
         }
-        log.info("serving %s: %d classes, %d genes", info.tag, len(self.predictor.classes), len(self.predictor.genes))
+
+    # -- the served set: the same in every worker and across restarts ------------------------------------------
+    async def on_inference_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Registry changes run on the inference thread, between forward passes."""
+        return await asyncio.get_running_loop().run_in_executor(self.batcher.executor, fn, *args)
+
+    def record_served_set(self) -> None:
+        if self.served_file is not None:
+            self.served_file.write([s.info["tag"] for s in self.adapters.served.values()])
+
+    async def sync_served_set(self, force: bool = False) -> None:
+        """Bring this worker's adapters in line with the recorded set, if another worker changed it. A request that
+        arrives while a sync runs waits for it (else it would see the new record but not yet the new adapter)."""
+        if self.served_file is None:
+            return
+        if self._sync_lock is None:
+            self._sync_lock = asyncio.Lock()
+        if not (force or self._sync_lock.locked() or self.served_file.changed()):
+            return
+        async with self._sync_lock:
+            mtime = self.served_file.mtime()
+            if mtime is None or mtime == self.served_file.seen_mtime:
+                return
+            tags = self.served_file.read()
+            if tags is not None:
+                await self._apply_served_set(tags)
+            self.served_file.seen_mtime = mtime
+
+    async def _apply_served_set(self, tags: list[str]) -> None:
+        wanted = {t.split(":")[0]: t for t in tags}
+        for name in [n for n in self.adapters.served if n not in wanted and n != self.default_model]:
+            await self.on_inference_thread(self.adapters.remove, name)
+        for name, tag in wanted.items():
+            current = self.adapters.served.get(name)
+            if current is not None and current.info["tag"] == tag:
+                continue
+            try:
+                model = bentoml.models.get(tag)
+                served = await self.off_loop(self.adapters.build, model.tag.name, model.path, str(model.tag))
+            except (AdapterError, bentoml.exceptions.BentoMLException, ValueError, OSError) as e:
+                log.warning("skipping adapter %s: %s", tag, str(e).splitlines()[0][:500] if str(e) else e)
+                continue
+            await self.on_inference_thread(self.adapters.register, served)
+        log.info("served set synchronised from %s: %s", self.served_file.path, sorted(self.adapters.served))
+
+    async def infer(self, x: torch.Tensor, name: str | None) -> tuple[np.ndarray, np.ndarray, CellTypePredictor]:
+        """(probabilities, embeddings, the predictor whose head computed them); 404 if the adapter was removed
+        while the request waited."""
+        try:
+            return await self.batcher.run(x, name)
+        except AdapterGone as e:
+            raise NotFound(str(e.args[0]) if e.args else str(e)) from None
 
     def _adapter_forward(self, xs: list[torch.Tensor], names: list[str | None]) -> list:
         return self.adapters.forward(xs, [n or self.default_model for n in names])
 
-    def resolve(self, model: str | None) -> tuple[str, CellTypePredictor]:
+    async def resolve(self, model: str | None) -> tuple[str, CellTypePredictor]:
         """The model a request names (or the default), or 404 with the names served."""
+        await self.sync_served_set()
         name = model or self.default_model
-        served = sorted(self.adapters.predictors) if self.adapters else [self.default_model]
+        served = self.adapters.served if self.adapters else {self.default_model: None}
         if name not in served:
-            raise NotFound(f"unknown model {name!r}; served: {served}")
-        return name, self.adapters.predictors[name] if self.adapters else self.predictor
+            raise NotFound(f"unknown model {name!r}; served: {sorted(served)}")
+        return name, served[name].predictor if self.adapters else self._single
 
     def models(self) -> list[dict[str, Any]]:
         if self.adapters is None:
@@ -262,9 +368,9 @@ class SCimilarityLoRA:
                       force_label: bool = False, model: str | None = None) -> dict:
         """Predict the cell type of one cell ("unknown", with the best guess and the reason, when the model is not
         confident or has never seen the like of it; ``force_label`` always names a type)."""
-        name, pred = self.resolve(model)
+        name, pred = await self.resolve(model)
         x, alignment = await self.off_loop(self._one_cell, expression, values, "", pred)
-        probs, z = await self.batcher.run(x, name)
+        probs, z, pred = await self.infer(x, name)
         unknown = list(alignment.unknown_genes)
         return {**self._predictions(probs, z, top_k, force_label, pred)[0], "genes_used": alignment.n_overlap,
                 "genes_unknown": unknown[:100], "n_genes_unknown": len(unknown), "values": values}
@@ -276,17 +382,17 @@ class SCimilarityLoRA:
         """Predict many cells: a list of expression dicts, or one CSR-like sparse block with a shared gene list."""
         if (cells is None) == (sparse is None):
             raise InvalidArgument("send exactly one of 'cells' (a list of {expression: {...}}) or 'sparse'")
-        name, pred = self.resolve(model)
+        name, pred = await self.resolve(model)
         x, used = await self.off_loop(self._prepare_batch, cells, sparse, values, pred)
-        probs, z = await self.batcher.run(x, name)
+        probs, z, pred = await self.infer(x, name)
         return self.batch_response(probs, z, top_k, used, force_label, pred)
 
     @bentoml.api(input_spec=EmbedRequest, route="/embed")
     async def embed(self, expression: dict[str, float], values: str = "counts", model: str | None = None) -> dict:
         """The cell's L2-normalised SCimilarity embedding (of the fine-tuned encoder)."""
-        name, pred = self.resolve(model)
+        name, pred = await self.resolve(model)
         x, alignment = await self.off_loop(self._one_cell, expression, values, "", pred)
-        _, emb = await self.batcher.run(x, name)
+        _, emb, _ = await self.infer(x, name)
         return {"embedding": [round(float(v), 7) for v in emb[0]], "dim": int(emb.shape[1]),
                 "genes_used": alignment.n_overlap}
 
