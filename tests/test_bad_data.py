@@ -131,3 +131,92 @@ def test_annotate_leaves_cells_without_expression_unlabelled(pbmc):
     assert adata.obs["scimilarity_lora_label"].isna().iloc[5] and adata.obs["scimilarity_lora_label"].notna().sum() == 19
     assert np.isnan(adata.obs["scimilarity_lora_confidence"].iloc[5]) and np.isnan(adata.obsm["X_scimilarity"][5]).all()
     assert adata.uns["scimilarity_lora"]["n_cells_without_expression"] == 1
+
+
+# -- files handed to `annotate` (issue #23.10): one line each, checked before anything large is allocated ------------
+def _annotate_cli(tmp_path, src, *extra):
+    import subprocess
+    import sys
+
+    from helpers import REPO, make_predictor
+
+    model = tmp_path / "model"
+    if not model.is_dir():
+        from scimilarity_lora.inference.artifact import save_model_dir
+
+        p = make_predictor([f"G{i}" for i in range(60)], classes=list("ab"))
+        save_model_dir(p.classifier, p.spec, model)
+    return subprocess.run([sys.executable, "-m", "scimilarity_lora.inference.annotate", str(model), str(src),
+                           str(tmp_path / "out.h5ad")], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _counts_file(tmp_path, name="cells.h5ad", n_cells=40):
+    import anndata as ad
+
+    from conftest import synthetic_counts
+
+    a = ad.AnnData(synthetic_counts(n_cells, 60))
+    a.var_names = [f"G{i}" for i in range(60)]
+    a.obs_names = [f"c{i}" for i in range(n_cells)]
+    path = tmp_path / name
+    a.write_h5ad(path)
+    return path
+
+
+def _one_line_error(res, says):
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and says in res.stderr
+
+
+def test_annotate_refuses_a_file_whose_matrix_does_not_match_obs_and_var(tmp_path):
+    import h5py
+
+    path = _counts_file(tmp_path)
+    with h5py.File(path, "r+") as f:
+        index = f["obs"].attrs["_index"]
+        keep = f["obs"][index][:-3]
+        del f["obs"][index]
+        f["obs"].create_dataset(index, data=keep)
+    _one_line_error(_annotate_cli(tmp_path, path), "X is 40 x 60 but obs has 37 cells and var 60 genes")
+
+
+def test_annotate_refuses_duplicated_gene_names_with_one_line(tmp_path):
+    import anndata as ad
+
+    path = _counts_file(tmp_path)
+    a = ad.read_h5ad(path)
+    a.var_names = ["G0"] + [f"G{i}" for i in range(59)]
+    a.write_h5ad(path)
+    _one_line_error(_annotate_cli(tmp_path, path), "gene names occur more than once")
+
+
+def test_a_dense_matrix_larger_than_memory_is_refused_before_it_is_read(tmp_path):
+    """A 1.5 MB file declaring a dense 10^7 x 765 X asked for 28.5 GiB before any check."""
+    import h5py
+    import numpy as np
+
+    path = _counts_file(tmp_path)
+    with h5py.File(path, "r+") as f:
+        del f["X"]
+        f.create_dataset("X", shape=(10**7, 765), dtype="f4", chunks=(10_000, 765), compression="gzip")
+        f["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        index = f["obs"].attrs["_index"]
+        del f["obs"][index]
+        f["obs"].create_dataset(index, shape=(10**7,), dtype="S9", compression="gzip")
+        del f["var"][f["var"].attrs["_index"]]
+        f["var"].create_dataset(f["var"].attrs["_index"], data=np.array([f"G{i}" for i in range(765)], dtype="S5"))
+    assert path.stat().st_size < 3_000_000
+    res = _annotate_cli(tmp_path, path)
+    _one_line_error(res, "X is stored dense, 10,000,000 x 765 (28.5 GiB when read)")
+
+
+def test_annotate_refuses_a_string_typed_matrix(pbmc):
+    import anndata as ad
+
+    from helpers import make_predictor
+    from scimilarity_lora.inference.annotate import annotate
+
+    a = ad.AnnData(np.full((4, 60), "1.5", dtype="<U3"))
+    a.var_names = [f"G{i}" for i in range(60)]
+    with pytest.raises(InvalidExpressionError, match="must be numbers, but the matrix holds <U3 values"):
+        annotate(a, make_predictor([f"G{i}" for i in range(60)]), progress=False)

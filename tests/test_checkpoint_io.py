@@ -120,3 +120,39 @@ def test_a_finished_run_trained_further_without_improving_keeps_its_best_from_mo
     again = load_file(tmp_path / "model" / "adapter" / "adapter_model.safetensors")
     assert again.keys() == adapter.keys() and all(torch.equal(again[k], adapter[k]) for k in adapter)
     assert list((tmp_path / "checkpoints").glob("epoch*.ckpt")) == []
+
+
+def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_previous_checkpoint(tmp_path):
+    """It failed with `RuntimeError: [enforce fail at inline_container.cc:672]` and no word of disk space."""
+    import torch
+
+    from scimilarity_lora.training.checkpoint_io import AtomicCheckpointIO
+    from scimilarity_lora.user_errors import DiskFullError
+
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.zeros(10)}, path)
+    (tmp_path / "last.ckpt.tmp").symlink_to("/dev/full")  # every write to the temporary file: ENOSPC
+    with pytest.raises(DiskFullError, match=f"no space left on {tmp_path}"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(100_000)}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_the_model_directory_is_written_atomically(tmp_path):
+    import errno
+
+    from scimilarity_lora.inference.artifact import atomic_model_dir
+    from scimilarity_lora.user_errors import DiskFullError
+
+    final = tmp_path / "model"
+    with atomic_model_dir(final) as tmp:
+        (tmp).mkdir()
+        (tmp / "model_config.json").write_text("{\"v\": 1}")
+    assert (final / "model_config.json").read_text() == "{\"v\": 1}"
+    with pytest.raises(DiskFullError, match="no space left on"):
+        with atomic_model_dir(final) as tmp:
+            tmp.mkdir()
+            (tmp / "model_config.json").write_text("{\"v\": 2}")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (final / "model_config.json").read_text() == "{\"v\": 1}"  # the previous one, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]   # no temporary directory left behind

@@ -116,7 +116,36 @@ def test_shape_mismatch_is_reported(tmp_path):
     sizes = json.loads((folder / "layer_sizes.json").read_text())
     sizes["network.3.weight"] = [32, 32]  # claims a 32-d latent space; the weights are 16-d
     (folder / "layer_sizes.json").write_text(json.dumps(sizes))
-    with pytest.raises(ModelFolderError, match="shape mismatches"):
+    with pytest.raises(ModelFolderError, match=r"does not match .*layer_sizes.json: \['network.3.weight: file \(16, 32\)"):
+        load_model_folder(folder)
+
+
+def test_huge_sizes_in_layer_sizes_json_are_refused_before_anything_is_allocated(tmp_path):
+    """A 108-byte layer_sizes.json asking for hidden sizes [1e6, 1e6] allocated 3.5 GB before the weights were read."""
+    import resource
+
+    _, folder = write_folder_like_scimilarity(tmp_path)
+    (folder / "layer_sizes.json").write_text(json.dumps({"network.0.1.weight": [1000000, 300],
+                                                         "network.1.1.weight": [1000000, 1000000],
+                                                         "network.2.weight": [16, 1000000]}))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelFolderError, match="does not match"):
+        load_model_folder(folder)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing of 3.5 GB
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]", '{"network.0.1.weight": "big"}', '{"a": [0, 5]}', "\x00\xff"])
+def test_a_layer_sizes_json_that_is_not_a_shape_table_is_one_line(tmp_path, content):
+    _, folder = write_folder_like_scimilarity(tmp_path)
+    (folder / "layer_sizes.json").write_text(content)
+    with pytest.raises(ModelFolderError, match="layer_sizes.json (must map state-dict keys|is not valid JSON)"):
+        load_model_folder(folder)
+
+
+def test_an_encoder_ckpt_that_is_not_a_checkpoint_is_one_line(tmp_path):
+    _, folder = write_folder_like_scimilarity(tmp_path)
+    (folder / "encoder.ckpt").write_text("this is a text file, not a checkpoint\n" * 10)
+    with pytest.raises(ModelFolderError, match="encoder.ckpt is not"):
         load_model_folder(folder)
 
 
@@ -124,7 +153,7 @@ def test_truncated_checkpoint(tmp_path):
     _, folder = write_folder_like_scimilarity(tmp_path)
     data = (folder / "encoder.ckpt").read_bytes()
     (folder / "encoder.ckpt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelFolderError, match="corrupt or truncated"):
+    with pytest.raises(ModelFolderError, match="corrupt, truncated"):
         load_model_folder(folder)
 
 

@@ -12,7 +12,29 @@ import os
 import sys
 from typing import Any, Callable
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+class DiskFullError(OSError):
+    """No space left where a checkpoint or model directory is being written (nothing half-written is left)."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, DiskFullError)
+
+
+def disk_full(error: BaseException, path: str | os.PathLike) -> DiskFullError | None:
+    """A :class:`DiskFullError` naming ``path`` if ``error`` is a write that ran out of space: ``ENOSPC``, or
+    PyTorch's ``[enforce fail at inline_container.cc]`` (its zip writer's wording) with little space left there."""
+    import errno
+    import shutil
+    from pathlib import Path
+
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    enospc = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    if enospc or ("inline_container" in str(error) and free < 256 * 1024 * 1024):
+        return DiskFullError(errno.ENOSPC, f"no space left on {folder} ({free / 1e6:.0f} MB free) while writing "
+                             f"{path}; free some space (the previous files are intact) and resume with ckpt_path=last")
+    return None
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

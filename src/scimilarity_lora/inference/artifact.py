@@ -26,6 +26,10 @@ Only safetensors and JSON: loading never unpickles anything.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ from scimilarity_lora.model.classifier import CellClassifier
 from scimilarity_lora.model.encoder import EncoderConfig
 from scimilarity_lora.model.folder import ModelFolderError, load_encoder_weights, require_gene_order
 from scimilarity_lora.preprocess import Preprocessing
+from scimilarity_lora.user_errors import disk_full
 
 FORMAT = "scimilarity-lora/1"
 CONFIG_FILE = "model_config.json"
@@ -108,6 +113,28 @@ def save_model_dir(classifier: CellClassifier, spec: ModelSpec, path: str | Path
         if seen_genes is not None:
             save_file({"seen_genes": seen_genes.detach().cpu().to(torch.uint8)}, out / ADAPTER_DIR / "seen_genes.safetensors")
     return out
+
+
+@contextmanager
+def atomic_model_dir(final: str | Path):
+    """Write a model directory completely beside ``final``, then swap it into place: a crash or a full disk
+    leaves the previous directory (or none), never a half-written one."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError) as e:
+        full = disk_full(e, tmp)
+        if full is not None:
+            raise full from e
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_merged_encoder(classifier: CellClassifier, genes: list[str], folder: str | Path) -> Path:

@@ -56,6 +56,22 @@ def require_gene_order(genes: list[str], sha256: str | None, what: str) -> list[
     return genes
 
 
+def read_layer_sizes(path: Path) -> dict[str, list[int]]:
+    """``layer_sizes.json``: a mapping of state-dict key -> shape (a list of positive integers)."""
+    try:
+        sizes = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{path} is not valid JSON: {e}") from e
+    ok = isinstance(sizes, dict) and all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool)
+                                                                 and 0 < n < 2**31 for n in v)
+        for k, v in sizes.items())
+    if not ok:
+        raise ModelFolderError(f"{path} must map state-dict keys to shapes (lists of positive integers; [] for a scalar), e.g. "
+                               '{"network.0.1.weight": [1024, 28231], ...}; got ' + str(sizes)[:100])
+    return sizes
+
+
 def config_from_layer_sizes(layer_sizes: dict[str, list[int]], n_genes: int) -> EncoderConfig:
     """Infer hidden sizes and latent dim from ``layer_sizes.json`` the way SCimilarity's CellEmbedding does."""
     linear = sorted(
@@ -112,8 +128,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFolderError(
             f"{path} is not a plain tensor checkpoint (refused to unpickle arbitrary objects): {e}"
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise ModelFolderError(f"{path} is corrupt or truncated: {e}") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ModelFolderError(f"{path} is not a readable checkpoint (corrupt, truncated or another format): "
+                               f"{type(e).__name__}: {str(e)[:200]}") from e
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -136,10 +153,7 @@ def load_model_folder(path: str | Path, dropout: float = 0.5,
         if not (folder / name).is_file():
             raise ModelFolderError(f"SCimilarity model folder {folder} is missing {name}")
     genes = read_gene_order(folder / GENE_ORDER_FILE)
-    try:
-        layer_sizes = json.loads((folder / LAYER_SIZES_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFolderError(f"{folder / LAYER_SIZES_FILE} is not valid JSON: {e}") from e
+    layer_sizes = read_layer_sizes(folder / LAYER_SIZES_FILE)
     config = config_from_layer_sizes(layer_sizes, n_genes=len(genes))
     first = layer_sizes.get("network.0.1.weight")
     if first is not None and first[1] != len(genes):
@@ -147,9 +161,15 @@ def load_model_folder(path: str | Path, dropout: float = 0.5,
             f"{GENE_ORDER_FILE} lists {len(genes)} genes but {LAYER_SIZES_FILE} says the input layer takes "
             f"{first[1]}: the gene order does not belong to these weights"
         )
+    # the weights first, checked against the JSON, and only then the encoder: a 108-byte layer_sizes.json asking
+    # for hidden sizes [1e6, 1e6] must not allocate gigabytes before anything is verified
+    state = load_state_dict_file(encoder_file)
+    wrong = [f"{k}: file {tuple(v.shape)} vs {LAYER_SIZES_FILE} {layer_sizes[k]}" for k, v in state.items()
+             if k in layer_sizes and list(v.shape) != list(layer_sizes[k])]
+    if wrong:
+        raise ModelFolderError(f"{encoder_file} does not match {folder / LAYER_SIZES_FILE}: {wrong[:3]}")
     encoder = Encoder.from_config(EncoderConfig(config.n_genes, config.latent_dim, config.hidden_dim, dropout,
                                                 input_dropout))
-    state = load_state_dict_file(encoder_file)
     load_encoder_weights(encoder, state, source=str(encoder_file))
     log.info(
         "loaded SCimilarity encoder from %s: %d genes, hidden %s, latent %d",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from scimilarity_lora.user_errors import disk_full
 from scimilarity_lora.model.folder import ModelFolderError, require_gene_order
 
 if TYPE_CHECKING:
@@ -36,6 +37,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:
+            full = disk_full(e, path)
+            if full is not None:
+                raise full from e
+            raise
         finally:
             if tmp.exists():
                 tmp.unlink()

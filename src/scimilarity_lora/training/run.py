@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from scimilarity_lora.evaluation.plots import plot_confusion_matrix, plot_learning_curves
-from scimilarity_lora.inference.artifact import save_model_dir
+from scimilarity_lora.inference.artifact import atomic_model_dir, save_model_dir
 from scimilarity_lora.inference.runs import METRICS_FILE, MODEL_DIR, STAND_IN_BASE_DIR
 from scimilarity_lora.model.adapters import FinetuneConfig, resolve_target_modules
 from scimilarity_lora.model.encoder import EncoderConfig
@@ -270,14 +270,15 @@ def _write_outputs(out: Path, cfg, model, datamodule, best_path: str, metrics: d
     best = classifier_from_checkpoint(best_path) if best_path else model
     extra = {"metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
              "training_config": OmegaConf.to_container(cfg, resolve=True)}
-    save_model_dir(best.model, best.spec(), out / MODEL_DIR, extra=extra, seen_genes=best.seen_genes)
     unknown = cfg.get("unknown", {})
     calibration = fit_calibration(best.model, datamodule, len(best.classes),
                                   target_accuracy=float(unknown.get("target_accuracy", 0.9)),
                                   novelty_quantile=float(unknown.get("novelty_quantile", 0.99)),
                                   coarse=bool(unknown.get("coarse", True)),
                                   coarse_novelty_quantile=float(unknown.get("coarse_novelty_quantile", 0.9)))
-    calibration.save(out / MODEL_DIR)
+    with atomic_model_dir(out / MODEL_DIR) as tmp:  # never a half-written model/ (full disk, crash)
+        save_model_dir(best.model, best.spec(), tmp, extra=extra, seen_genes=best.seen_genes)
+        calibration.save(tmp)
     metrics["unknown"] = {"temperature": calibration.temperature,
                           "confidence_threshold": calibration.confidence_threshold,
                           "novelty_threshold": round(calibration.novelty_threshold, 6)}
