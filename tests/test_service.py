@@ -84,6 +84,13 @@ def test_predictions_equal_the_in_process_model(served, pbmc):
         assert body["confidence"] == pytest.approx(float(expected[i].max()), abs=1e-5)
     batch = post(served, "/predict_batch", {"cells": [{"expression": e} for e in cells], "values": "log1p"}).json()
     assert [p["best_guess"] for p in batch["predictions"]] == [classes[int(i)] for i in expected.argmax(1)]
+    # the same answers as annotate: a class, a coarse Cell Ontology term, or "unknown", with the CL id beside it
+    pred = served["predictor"]
+    labels, terms = pred.answer_with_terms(expected, pred.predict_cells(X, list(pbmc.raw.var_names),
+                                                                        input_is_log1p=True).status)
+    assert [p["cell_type"] for p in batch["predictions"]] == labels
+    assert [p.get("cell_type_ontology_term_id") for p in batch["predictions"]] == terms
+    assert any(t is not None for t in terms)  # the demo's classes carry CL ids
     sparse = {"genes": list(pbmc.raw.var_names), "indptr": X.indptr.tolist(), "indices": X.indices.tolist(),
               "data": X.data.tolist()}
     compact = post(served, "/predict_batch", {"sparse": sparse, "values": "log1p", "top_k": 10}).json()

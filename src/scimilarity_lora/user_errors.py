@@ -10,13 +10,26 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 class DiskFullError(OSError):
     """No space left where a checkpoint or model directory is being written (nothing half-written is left)."""
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, DiskFullError)
+
+
+@contextmanager
+def no_space_is_a_user_error(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a write that ran out of space under ``path`` into a :class:`DiskFullError`; re-raise anything else."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = disk_full(e, path)
+        if full is not None:
+            raise full from e
+        raise
 
 
 def disk_full(error: BaseException, path: str | os.PathLike) -> DiskFullError | None:

@@ -69,7 +69,7 @@ def check_declared_shapes(path: Path) -> None:
     try:
         f = h5py.File(path, "r")
     except Exception as e:  # noqa: BLE001 - not HDF5 at all: read_h5ad's own error says so below
-        raise DataError(f"cannot read {path} as .h5ad (corrupt, truncated or not HDF5): {type(e).__name__}: "
+        raise DataError(f"cannot read {path} as .h5ad (corrupt or truncated? not HDF5?): {type(e).__name__}: "
                         f"{str(e)[:200]}") from e
     with f:
         n_obs, n_vars = _frame_length(f, "obs"), _frame_length(f, "var")

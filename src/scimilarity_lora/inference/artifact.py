@@ -43,7 +43,7 @@ from scimilarity_lora.model.classifier import CellClassifier
 from scimilarity_lora.model.encoder import EncoderConfig
 from scimilarity_lora.model.folder import ModelFolderError, load_encoder_weights, require_gene_order
 from scimilarity_lora.preprocess import Preprocessing
-from scimilarity_lora.user_errors import disk_full
+from scimilarity_lora.user_errors import no_space_is_a_user_error
 
 FORMAT = "scimilarity-lora/1"
 CONFIG_FILE = "model_config.json"
@@ -122,17 +122,13 @@ def atomic_model_dir(final: str | Path):
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        yield tmp
+        with no_space_is_a_user_error(tmp):
+            yield tmp
         old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-    except (OSError, RuntimeError) as e:
-        full = disk_full(e, tmp)
-        if full is not None:
-            raise full from e
-        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

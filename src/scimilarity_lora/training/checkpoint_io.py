@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from scimilarity_lora.user_errors import disk_full
+from scimilarity_lora.user_errors import no_space_is_a_user_error
 from scimilarity_lora.model.folder import ModelFolderError, require_gene_order
 
 if TYPE_CHECKING:
@@ -32,16 +32,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         try:
-            with open(tmp, "wb") as f:
+            with no_space_is_a_user_error(path), open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:
-            full = disk_full(e, path)
-            if full is not None:
-                raise full from e
-            raise
         finally:
             if tmp.exists():
                 tmp.unlink()
