@@ -20,7 +20,7 @@ def write_result(result: dict, out: str | Path) -> None:
     result["command"] = " ".join(["python", *sys.argv])
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("rss_samples", "results")})[:2000])
 
 
 def pbmc_request_bodies(batch_cells: int, top_k: int | None = None,
