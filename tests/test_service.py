@@ -20,7 +20,7 @@ BODY_CAP = 300_000
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     run(compose_train(FAST + ["trainer.max_epochs=3"], root / "run"))
     env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
@@ -28,10 +28,17 @@ def served(tmp_path_factory):
            "SCIMILARITY_LORA_BODY_TIMEOUT_S": "3"}
     tag = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(root / "run")], env=env, cwd=REPO,
                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    env["SCIMILARITY_LORA_MODEL"] = tag
-    proc, url, port = start_bentoml(env, root / "serve.log")
-    yield {"url": url, "tag": tag, "predictor": CellTypePredictor.load(root / "run" / "model"), "port": port,
-           "log": root / "serve.log"}
+    return {"root": root, "env": {**env, "SCIMILARITY_LORA_MODEL": tag}, "tag": tag}
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def served(exported, request):
+    """Every test of the contract runs against one worker and against two (#23: workers must not differ)."""
+    root, log = exported["root"], exported["root"] / f"serve-{request.param}.log"
+    env = {**exported["env"], "SCIMILARITY_LORA_WORKERS": str(request.param), "SCIMILARITY_LORA_TORCH_THREADS": "1"}
+    proc, url, port = start_bentoml(env, log)
+    yield {"url": url, "tag": exported["tag"], "predictor": CellTypePredictor.load(root / "run" / "model"),
+           "port": port, "log": log, "workers": request.param}
     stop_bentoml(proc)
 
 

@@ -190,3 +190,23 @@ def test_an_added_adapter_reaches_every_worker_and_survives_a_restart(server, ru
     assert len(meta["classes"]) == 11  # the replacement of "pbmc" survived too
     assert json.loads(next(Path(server["env"]["BENTOML_HOME"], "scimilarity_lora_served").glob("*.json"))
                       .read_text())["adapters"][0].startswith("later:")
+
+
+def test_with_two_workers_a_killed_worker_costs_no_request(server, pbmc):
+    """#23.8: with one worker nothing accepts connections until BentoML respawns it (benchmarks/worker_kill.py);
+    with two, the shared socket goes to the living worker: every request and probe is answered, quickly."""
+    import signal
+    import time
+
+    import psutil
+
+    if server["workers"] < 2:
+        pytest.skip("one worker: requests wait for the respawn (measured in benchmarks/worker_kill.py, README)")
+    workers = [p for p in psutil.Process(server["proc"].pid).children(recursive=True)
+               if "--worker-id" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    os.kill(workers[0].pid, signal.SIGTERM)
+    time.sleep(0.2)
+    for i in range(20):
+        assert requests.get(f"{server['url']}/readyz", timeout=2).status_code == 200
+        assert predict(server["url"], pbmc, i, "pbmc", timeout=2).status_code == 200
