@@ -220,6 +220,22 @@ def test_a_query_is_scored_through_the_ontology_and_written_into_the_run(tiny_ru
     assert "| HSPC | unmapped |" in (out / "report.md").read_text()
 
 
+def test_a_query_evaluation_is_logged_to_wandb_offline(tiny_run, monkeypatch):
+    import wandb
+
+    from scimilarity_lora.evaluation.query import evaluate_query_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    evaluate_query_run(tiny_run, {"path": "pbmc68k_reduced", "label_key": "bulk_labels", "layer": "raw",
+                                  "input_is_log1p": True, "majority_voting": False, "name": "self"},
+                       wandb_project="scimilarity-lora-test")
+    wandb.teardown()  # wait for wandb-core to close the run file (see test_evaluate)
+    (offline,) = (tiny_run / "evaluation" / "query" / "self" / "wandb").glob("offline-run-*")
+    record = next(offline.glob("run-*.wandb")).read_bytes()
+    assert b"query/self/macro_f1" in record and b"query/self/ontology_aware_accuracy" in record
+    assert list(offline.glob("files/media/images/query/self/confusion_matrix*.png"))
+
+
 def test_summarize_ranks_runs_by_a_querys_macro_f1(tmp_path):
     from scimilarity_lora.evaluation.summarize import summarize
 
