@@ -220,3 +220,19 @@ def test_annotate_refuses_a_string_typed_matrix(pbmc):
     a.var_names = [f"G{i}" for i in range(60)]
     with pytest.raises(InvalidExpressionError, match="must be numbers, but the matrix holds <U3 values"):
         annotate(a, make_predictor([f"G{i}" for i in range(60)]), progress=False)
+
+
+def test_gene_names_that_are_not_text_are_one_line(tmp_path):
+    import h5py
+
+    from scimilarity_lora.data.io import DataError, read_anndata
+
+    path = _counts_file(tmp_path)
+    with h5py.File(path, "r+") as f:
+        index = f["var"].attrs["_index"]
+        del f["var"][index]
+        f["var"].create_dataset(index, data=np.array([b"\xff\xfe"] + [f"G{i}".encode() for i in range(1, 60)],
+                                                     dtype="S3"))
+    with pytest.raises(DataError, match="cannot read .* UnicodeDecodeError"):
+        read_anndata(str(path))
+    _one_line_error(_annotate_cli(tmp_path, path), "UnicodeDecodeError")
