@@ -56,6 +56,19 @@ def pbmc_request_bodies(batch_cells: int, top_k: int | None = None,
 REPO = Path(__file__).resolve().parents[1]
 
 
+def export_to_temporary_store(run: str, prefix: str) -> tuple[dict, str, Path]:
+    """Export a training run into a fresh temporary BentoML store: (environment for serving it, model tag, folder)."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+           "SCIMILARITY_LORA_TORCH_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", run], env=env, cwd=REPO, check=True,
+                         capture_output=True, text=True)
+    tag = out.stdout.strip().splitlines()[-1]
+    return {**env, "SCIMILARITY_LORA_MODEL": tag}, tag, tmp
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

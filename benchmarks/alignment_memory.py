@@ -12,16 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import psutil
 import requests
 
-from _common import REPO, free_port, serve, stop, write_result
+from _common import export_to_temporary_store, free_port, serve, stop, write_result
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -36,13 +32,9 @@ def main() -> None:
     p.add_argument("--genes", type=int, default=40_000)
     p.add_argument("--out", default="benchmarks/results/alignment_memory.json")
     args = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="alignment_memory_"))
-    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-           "SCIMILARITY_LORA_TORCH_THREADS": "1"}
-    tag = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", args.run], env=env, cwd=REPO,
-                         check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    env, _, tmp = export_to_temporary_store(args.run, "alignment_memory_")
     port = free_port()
-    proc = serve({**env, "SCIMILARITY_LORA_MODEL": tag}, port, tmp / "serve.log")
+    proc = serve(env, port, tmp / "serve.log")
     url = f"http://127.0.0.1:{port}"
     real = ["CD3D", "GNLY", "MS4A1", "LYZ", "NKG7"]
     try:
