@@ -101,11 +101,6 @@ class CellTypePredictor:
                 status[np.flatnonzero(hesitant)[chosen >= 0]] = "coarse"
         return status
 
-    def answer(self, probs: np.ndarray, status: np.ndarray, force_label: bool = False) -> list[str]:
-        """The label to report per cell: the best class, the coarse term's name (status "coarse"), or "unknown";
-        ``force_label`` always names the best class."""
-        return self.answer_with_terms(probs, status, force_label)[0]
-
     def answer_with_terms(self, probs: np.ndarray, status: np.ndarray, force_label: bool = False
                           ) -> tuple[list[str], list[str | None]]:
         """(labels, CL ids): the answer per cell and its Cell Ontology id (None for "unknown" or an unmapped class)."""
