@@ -41,7 +41,9 @@ MAP_COLUMNS = (("query_label", "model_label"), ("label", "cl_id"))
 #: the figures copied into metrics.json as query/<stem>/<key>
 FLAT_KEYS = ("accuracy", "macro_f1", "balanced_accuracy", "ontology_aware_accuracy", "rejection_rate",
              "majority_voting/accuracy", "majority_voting/macro_f1", "with_unknown/head/coverage",
-             "with_unknown/head/accuracy", "with_unknown/coarse/coverage", "with_unknown/coarse/accuracy")
+             "with_unknown/head/accuracy", "with_unknown/coarse/coverage", "with_unknown/coarse/accuracy",
+             "knn/accuracy", "knn/macro_f1", "knn/balanced_accuracy", "knn/rejection_rate", "knn/with_unknown/coverage",
+             "knn/with_unknown/accuracy")
 
 
 def query_name(path: str) -> str:
@@ -67,9 +69,15 @@ def evaluate_query(model: str | Path | CellTypePredictor, path: str, label_key: 
                    layer: str | None = "X", input_is_log1p: bool = False, ontology_key: str | None = None,
                    label_map: str | dict | None = None, gene_symbols_key: str | None = None,
                    min_gene_overlap: int = 50, majority_voting: bool = True, batch_size: int = 4096,
-                   seed: int = 0) -> dict[str, Any]:
-    """The report (a dict) of ``model`` on the labelled query at ``path`` (see the module docstring)."""
+                   seed: int = 0, reference: "str | Path | None" = None, k: int = 15) -> dict[str, Any]:
+    """The report (a dict) of ``model`` on the labelled query at ``path`` (see the module docstring); with
+    ``reference`` (an index directory) also the kNN labels of that index under ``knn``."""
     predictor = model if isinstance(model, CellTypePredictor) else CellTypePredictor.load(model)
+    index = None
+    if reference is not None:
+        from scimilarity_lora.inference.reference.query import open_reference
+
+        index = open_reference(reference)
     adata = read_anndata(str(path))
     labels, query_terms = read_query_labels(adata, label_key, ontology_key)
     mapping = read_label_map(label_map, columns=MAP_COLUMNS)
@@ -92,7 +100,42 @@ def evaluate_query(model: str | Path | CellTypePredictor, path: str, label_key: 
                   gene_overlap={k: v for k, v in alignment.summary().items() if k != "rescued_by_alias"},
                   n_cells_in_file=int(adata.n_obs), n_cells_unlabelled=int((~has_label).sum()),
                   n_cells_without_expression=int((has_label & ~result.expressed).sum()))
+    if index is not None:
+        from scimilarity_lora.inference.reference.query import index_embeddings
+
+        z = index_embeddings(index, predictor, result.embeddings, X, genes, None, input_is_log1p, min_gene_overlap,
+                             batch_size)
+        knn = index.annotate(z[result.expressed], k)
+        report["knn"] = score_knn(index.classes, {c: predictor.class_terms.get(c) for c in index.classes}, labels,
+                                  result.expressed, knn, mapping, query_terms)
+        report["knn"].update(reference=str(index.path), k=int(k), novelty_threshold=index.novelty_threshold,
+                             encoder_kind=index.identity["kind"])
     return report
+
+
+def score_knn(classes: list[str], class_terms: dict, labels: np.ndarray, expressed: np.ndarray, knn,
+              mapping: dict | None, query_terms: dict) -> dict[str, Any]:
+    """The kNN labels scored like the head: every matched cell its voted class; with "unknown" beyond the
+    index's distance threshold (coverage, accuracy); the rejection rate of types the reference does not hold."""
+    has = np.array([x is not None for x in labels]) & expressed
+    matches = match_labels(Counter(labels[has]), classes, class_terms, mapping, query_terms)
+    best = np.full(len(labels), -1)
+    status = np.full(len(labels), "no_expression", dtype=object)
+    best[expressed], status[expressed] = knn.best, knn.status
+    kind = np.array([matches[x].kind if h else "" for x, h in zip(labels, has)], dtype=object)
+    matched = np.isin(kind, MATCHED)
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[matches[x].target] for x in labels[matched]], dtype=np.int64)
+    out: dict[str, Any] = {"classes": list(classes), "n_cells_scored": int(matched.sum())}
+    if matched.any():
+        out.update(_head_metrics(classification_report(y, best[matched], classes), per_class=False))
+        ok = status[matched] == "ok"
+        out["with_unknown"] = {"coverage": round(float(ok.mean()), 4),
+                               "accuracy": round(float((best[matched] == y)[ok].mean()), 4) if ok.any() else None}
+    novel = kind == "novel"
+    out["rejection_rate"] = round(float((status[novel] == "novel").mean()), 4) if novel.any() else None
+    out["n_cells_novel_types"] = int(novel.sum())
+    return out
 
 
 def score(predictor: CellTypePredictor, labels: np.ndarray, result, matches: dict[str, LabelMatch], *,
@@ -241,6 +284,15 @@ def render_query_markdown(r: dict, name: str) -> str:
         mv = r["majority_voting"]
         lines.append(f"| majority voting ({mv['n_clusters']} clusters): accuracy / macro-F1 | {f(mv['accuracy'])} / "
                      f"{f(mv['macro_f1'])} |")
+    if "knn" in r:
+        kn = r["knn"]
+        lines.append(f"| kNN on the reference index (k={kn['k']}, {kn['encoder_kind']}): accuracy / macro-F1 / "
+                     f"balanced accuracy | {f(kn.get('accuracy'))} / {f(kn.get('macro_f1'))} / "
+                     f"{f(kn.get('balanced_accuracy'))} |")
+        wu = kn.get("with_unknown") or {}
+        lines.append(f"| kNN with 'unknown' beyond distance {kn['novelty_threshold']:.4f}: coverage / accuracy | "
+                     f"{f(wu.get('coverage'))} / {f(wu.get('accuracy'))} |")
+        lines.append(f"| kNN rejection rate of types the reference does not hold | {f(kn.get('rejection_rate'))} |")
     lines += ["", "## Query labels", "", "| label | matched as | class | CL id | cells |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {m['kind']} | {m.get('target') or ', '.join(m.get('covers', []))} | {m.get('term', '')} | "
               f"{m['n_cells']} |" for k, m in r["labels"].items()]
@@ -266,7 +318,8 @@ def evaluate_query_run(run_dir: str | Path, query: dict[str, Any], wandb_project
                             ontology_key=query.get("ontology_key"), label_map=query.get("label_map"),
                             gene_symbols_key=query.get("gene_symbols_key"),
                             min_gene_overlap=int(query.get("min_gene_overlap", 50)),
-                            majority_voting=bool(query.get("majority_voting", True)))
+                            majority_voting=bool(query.get("majority_voting", True)),
+                            reference=query.get("reference"), k=int(query.get("k", 15)))
     out = write_query_report(run_dir, report, name)
     log.info("%s: accuracy %.3f, macro-F1 %.3f, ontology-aware accuracy %s on %d cells -> %s", name,
              report["accuracy"], report["macro_f1"], report["ontology_aware_accuracy"], report["n_cells_scored"], out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -25,6 +26,9 @@ from scimilarity_lora.data.io import DataError, expression_matrix, gene_names, r
 from scimilarity_lora.inference.calibration import STATUSES, UNKNOWN
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.user_errors import one_line_errors
+
+if TYPE_CHECKING:
+    from scimilarity_lora.inference.reference.index import ReferenceIndex
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,8 @@ def annotate(
     majority_voting: bool = False,
     over_clustering: str | None = None,
     seed: int = 0,
+    reference: "str | Path | ReferenceIndex | None" = None,
+    k: int = 15,
 ) -> ad.AnnData:
     """Predict labels and embeddings for every cell of ``adata`` (modified in place and returned).
 
@@ -54,10 +60,18 @@ def annotate(
     labelled "unknown", its best guess kept in ``..._best_guess``; a hesitant one whose candidate classes share a
     Cell Ontology ancestor that together passes the threshold gets that ancestor (status ``coarse``; ``coarse=False``
     switches it off); ``force_label=True`` labels every cell with its best class. ``majority_voting`` adds the
-    per-cluster majority of those labels over Leiden clusters of the embedding, or over ``adata.obs[over_clustering]``."""
+    per-cluster majority of those labels over Leiden clusters of the embedding, or over ``adata.obs[over_clustering]``.
+    ``reference`` (an index directory, see :mod:`.reference`) adds the distance-weighted vote of each cell's ``k``
+    nearest reference cells beside the head's answer (``..._knn_*`` columns; "unknown" beyond the index's calibrated
+    distance)."""
     from dataclasses import replace
 
     predictor = model if isinstance(model, CellTypePredictor) else CellTypePredictor.load(model)
+    index = None
+    if reference is not None:  # opened (and checked) before any cell is embedded
+        from scimilarity_lora.inference.reference.query import open_reference
+
+        index = open_reference(reference)
     if over_clustering is not None and over_clustering not in adata.obs.columns:
         raise DataError(f"over-clustering column {over_clustering!r} not in obs; columns: {list(adata.obs.columns)}")
     X, var_names, var = expression_matrix(adata, layer)
@@ -109,6 +123,11 @@ def annotate(
         "class_ontology_terms": [predictor.class_terms.get(c) or "" for c in predictor.classes],
         "finetune": str(predictor.spec.finetune),
     }
+    if index is not None:
+        from scimilarity_lora.inference.reference.query import index_embeddings, write_knn_columns
+
+        z = index_embeddings(index, predictor, emb, X, genes, ids, input_is_log1p, min_overlap, batch_size)
+        write_knn_columns(adata, index, index.annotate(z[ok], k), ok, key_added, k, force_label)
     return adata
 
 
@@ -129,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="never answer a coarser Cell Ontology term for a hesitant cell ('unknown' instead)")
     p.add_argument("--majority-voting", action="store_true",
                    help="also write each over-cluster's majority label and its vote frequency (CellTypist-style)")
+    p.add_argument("--reference", default=None,
+                   help="a reference index directory: also label each cell by its nearest reference cells (kNN)")
+    p.add_argument("--k", type=int, default=15, help="neighbours for --reference")
     p.add_argument("--over-clustering", default=None,
                    help="obs column of your own clusters for --majority-voting (default: Leiden on the embedding)")
     args = p.parse_args(argv)
@@ -141,10 +163,13 @@ def main(argv: list[str] | None = None) -> None:
              gene_ids_key=args.gene_ids_key, batch_size=args.batch_size, top_k=args.top_k,
              force_label=args.force_labels, coarse=not args.no_coarse,
              majority_voting=args.majority_voting or args.over_clustering is not None,
-             over_clustering=args.over_clustering)
+             over_clustering=args.over_clustering, reference=args.reference, k=args.k)
     adata.write_h5ad(args.output)
     counts = adata.obs["scimilarity_lora_label"].value_counts()
     log.info("annotated %d cells -> %s\n%s", adata.n_obs, args.output, counts.to_string())
+    if args.reference:
+        log.info("kNN labels from %s:\n%s", args.reference,
+                 adata.obs["scimilarity_lora_knn_label"].value_counts().to_string())
 
 
 if __name__ == "__main__":

@@ -45,11 +45,15 @@ class CellTypePredictor:
                              if calibration is not None and calibration.coarse else None)
         #: gene alignments per gene list: bounded by bytes, thread-safe, shareable by the adapters of one base
         self.alignments = alignments if alignments is not None else AlignmentCache()
+        #: the model directory it was read from (names its encoder for a reference index); None if built in memory
+        self.path: Path | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "CellTypePredictor":
         spec, classifier, config = read_model_dir(path)
-        return cls(classifier, spec, config, Calibration.load(path))
+        predictor = cls(classifier, spec, config, Calibration.load(path))
+        predictor.path = Path(path)
+        return predictor
 
     @property
     def latent_dim(self) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -88,6 +89,7 @@ class AdapterSet:
             calibration = Calibration.load(path)
             predictor = CellTypePredictor(CellClassifier(self.multi.base, adapter.head), spec,
                                           read_model_config(path), calibration, alignments=self.alignments)
+            predictor.path = Path(path)
         except Exception as e:  # noqa: BLE001 - malformed files raise anything (json, safetensors, torch): one line
             raise AdapterError(f"adapter {name!r} ({tag or path}) cannot be served: {type(e).__name__}: {e}") from e
         info = {"name": name, "tag": tag, "classes": list(spec.classes), "finetune": spec.finetune,
