@@ -15,7 +15,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 #: the endpoints whose bodies are JSON (the .npz route takes bytes)
-JSON_ROUTES = frozenset({"/predict", "/predict_batch", "/embed"})
+JSON_ROUTES = frozenset({"/predict", "/predict_batch", "/embed", "/v1/search", "/v1/search_batch"})
 FORM_TYPES = (b"", b"application/x-www-form-urlencoded")
 #: bodies above this are checked for duplicate keys off the event loop
 _THREAD_CHECK_BYTES = 64 * 1024

@@ -8,14 +8,17 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from scimilarity_lora.serving.schemas import BatchResponse, EmbedResponse, ErrorResponse, PredictResponse
+from scimilarity_lora.serving.schemas import (BatchResponse, EmbedResponse, ErrorResponse, PredictResponse,
+                                             SearchBatchRequest, SearchBatchResponse, SearchRequest, SearchResponse)
 
 #: the seed's curl example, shown as the /predict example
 PREDICT_EXAMPLE = {"expression": {"CD3D": 1.2, "GNLY": 0.1, "MS4A1": 3.4, "CD14": 0.0}}
 RESPONSES = {"/predict": PredictResponse, "/predict_batch": BatchResponse, "/embed": EmbedResponse}
 ERRORS = {
     "400": "invalid request: the message names the field or the cell",
-    "404": "the request names a model this service does not serve (the message lists the served ones)",
+    "404": "the request names a model this service does not serve (the message lists the served ones), or asks "
+           "for kNN / search of a model without a reference index",
+    "409": "the served model is not the encoder its reference index was built with (the message names both)",
     "408": "the request body did not arrive within the body timeout",
     "413": "the request body is larger than the cap",
     "415": "not application/json (the JSON endpoints); a missing or form content type is read as JSON",
@@ -55,7 +58,8 @@ def _drop_property_names(node: Any) -> Any:
 
 def complete_spec(spec: dict, model_tag: str | None = None) -> dict:
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    for model in (PredictResponse, BatchResponse, EmbedResponse, ErrorResponse):
+    for model in (PredictResponse, BatchResponse, EmbedResponse, ErrorResponse, SearchRequest, SearchBatchRequest,
+                  SearchResponse, SearchBatchResponse):
         document = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(document.pop("$defs", {}))
         schemas[model.__name__] = document
@@ -66,7 +70,7 @@ def complete_spec(spec: dict, model_tag: str | None = None) -> dict:
             continue
         responses = {code: r for code, r in post.get("responses", {}).items() if not str(code).startswith("4")}
         responses["200"] = {"description": "the answer", "content": {"application/json": {"schema": _ref(model.__name__)}}}
-        responses.update(_error_responses(("400", "404", "408", "413", "415")))
+        responses.update(_error_responses(("400", "404", "408", "409", "413", "415")))
         post["responses"] = responses
     predict_body = paths.get("/predict", {}).get("post", {}).get("requestBody", {}).get("content", {})
     if "application/json" in predict_body:
@@ -80,6 +84,17 @@ def complete_spec(spec: dict, model_tag: str | None = None) -> dict:
             "schema": {"type": "string", "format": "binary"}}}},
         "responses": {"200": {"description": "the answer", "content": {"application/json": {
             "schema": _ref("BatchResponse")}}}, **_error_responses(("400", "408", "413"))}}}
+    for route, request, response, what in (
+            ("/v1/search", SearchRequest, SearchResponse, "one cell"),
+            ("/v1/search_batch", SearchBatchRequest, SearchBatchResponse, "each of many cells")):
+        paths[route] = {"post": {
+            "description": f"Cell search: the k reference cells nearest to {what} in the embedding of the model that "
+                           "built the model's reference index (SCIMILARITY_LORA_REFERENCE), nearest first, with their "
+                           "labels and the obs columns the index keeps.",
+            "operationId": route.strip("/").replace("/", "_"),
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request.__name__)}}},
+            "responses": {"200": {"description": "the neighbours", "content": {"application/json": {
+                "schema": _ref(response.__name__)}}}, **_error_responses(("400", "404", "408", "409", "413", "415"))}}}
     paths["/v1/metadata"] = {"get": {
         "description": "The served model: tag, classes, genes, preprocessing, fine-tuning, calibration, limits.",
         "operationId": "metadata",

@@ -25,6 +25,10 @@ ForceLabel = Annotated[bool, Field(strict=True, description='true: always name a
                                    '"unknown" for a cell the model is not confident about or has never seen the like of')]
 
 
+Method = Literal["head", "knn"]
+MethodField = Field("head", description='"head": the classification head; "knn": the distance-weighted vote of the '
+                    'nearest cells of the model\'s reference index (SCIMILARITY_LORA_REFERENCE; 404 without one)')
+Neighbours = Annotated[int, Field(strict=True, ge=1, le=100, description="nearest reference cells to use or return")]
 ModelName = Annotated[str, Field(min_length=1, max_length=200, description="which served model answers (GET "
                                   "/v1/models lists them); omitted: the default model")]
 
@@ -39,6 +43,8 @@ class CellRequest(_Strict):
     top_k: TopK = Field(3, description="how many ranked cell types to return")
     force_label: ForceLabel = False
     model: ModelName = None  # type: ignore[assignment]  # omitted: the default model; an explicit null is refused
+    method: Method = MethodField
+    k: Neighbours = 15
 
 
 class BatchCell(_Strict):
@@ -62,6 +68,27 @@ class BatchRequest(_Strict):
     top_k: TopK = 3
     force_label: ForceLabel = False
     model: ModelName = None  # type: ignore[assignment]  # omitted: the default model; an explicit null is refused
+    method: Method = MethodField
+    k: Neighbours = 15
+
+
+class SearchRequest(_Strict):
+    """POST /v1/search: the reference cells nearest to one cell, in the embedding of the model that names them."""
+
+    expression: Expression = Field(description="gene symbol -> expression value for one cell")
+    values: Values = "counts"
+    k: Neighbours = 5
+    model: ModelName = None  # type: ignore[assignment]
+
+
+class SearchBatchRequest(_Strict):
+    """POST /v1/search_batch: the same for many cells (a list of expression dicts, or one sparse block)."""
+
+    cells: Annotated[list[BatchCell], Field(min_length=1, max_length=SETTINGS.max_cells)] | None = None
+    sparse: SparseCells | None = None
+    values: Values = "counts"
+    k: Neighbours = 5
+    model: ModelName = None  # type: ignore[assignment]
 
 
 class EmbedRequest(_Strict):
@@ -90,6 +117,8 @@ class Prediction(BaseModel):
     confidence: float = Field(ge=0, le=1, description="calibrated probability of best_guess")
     top_k: list[RankedType]
     genes_used: int = Field(ge=0, description="request genes that feed the model")
+    nearest_distance: float | None = Field(None, ge=0, description='method "knn": cosine distance to the nearest '
+                                           'reference cell (status "novel" beyond the index\'s calibrated threshold)')
 
 
 class PredictResponse(Prediction):
@@ -107,6 +136,24 @@ class EmbedResponse(BaseModel):
     embedding: list[float] = Field(description="the L2-normalised embedding of the fine-tuned encoder")
     dim: int
     genes_used: int = Field(ge=0)
+
+
+class Neighbor(BaseModel):
+    model_config = ConfigDict(extra="allow")  # plus the obs columns the index keeps (donor_id, dataset_id, ...)
+
+    cell_id: str
+    distance: float = Field(ge=0, description="cosine distance (1 - cosine similarity), nearest first")
+    label: str = Field(description="the reference cell's label")
+
+
+class SearchResponse(BaseModel):
+    neighbors: list[Neighbor]
+    genes_used: int = Field(ge=0)
+
+
+class SearchBatchResponse(BaseModel):
+    neighbors: list[list[Neighbor]] = Field(description="per cell, its nearest reference cells")
+    n_cells: int = Field(ge=1)
 
 
 class ErrorResponse(BaseModel):

@@ -40,7 +40,9 @@ from scimilarity_lora.serving.batcher import MicroBatcher
 from scimilarity_lora.serving.middleware import RequestGuard, ShortErrors
 from scimilarity_lora.serving.openapi import CompleteOpenAPI
 from scimilarity_lora.serving.parsing import gene_error_message, parse_npz, sparse_matrix
-from scimilarity_lora.serving.schemas import BatchRequest, CellRequest, EmbedRequest, SparseCells
+from scimilarity_lora.serving.schemas import (BatchRequest, CellRequest, EmbedRequest, SearchBatchRequest,
+                                             SearchRequest, SparseCells)
+from scimilarity_lora.serving.search import References, knn_predictions
 from scimilarity_lora.serving.served_set import ServedSetFile
 from scimilarity_lora.serving.settings import SETTINGS
 
@@ -146,7 +148,42 @@ async def _admin_adapters(request: Request) -> JSONResponse:
     return JSONResponse({"added": model.tag.name, "tag": str(model.tag), "models": sorted(svc.adapters.served)})
 
 
+async def _search(request: Request) -> JSONResponse:
+    """The reference cells nearest to one cell (``SearchRequest``) or to each of many (``SearchBatchRequest``)."""
+    from bentoml.exceptions import BentoMLException
+    from pydantic import ValidationError
+
+    svc = _service()
+    if svc is None:
+        return JSONResponse({"error": "model not loaded yet"}, status_code=503)
+    batch = request.url.path.endswith("_batch")
+    try:
+        req = (SearchBatchRequest if batch else SearchRequest).model_validate_json(await request.body())
+    except ValidationError as e:  # ShortErrors turns the list into the one error shape of every endpoint
+        return JSONResponse({"detail": e.errors(include_url=False, include_context=False, include_input=False)},
+                            status_code=400)
+    try:
+        if batch and (req.cells is None) == (req.sparse is None):
+            raise InvalidArgument("send exactly one of 'cells' (a list of {expression: {...}}) or 'sparse'")
+        name, pred = await svc.resolve(req.model)
+        svc.references.for_model(name, pred)  # 404 before any work when the model has no index
+        if batch:
+            x, used = await svc.off_loop(svc._prepare_batch, req.cells, req.sparse, req.values, pred)
+        else:
+            x, alignment = await svc.off_loop(svc._one_cell, req.expression, req.values, "", pred)
+        _, z, pred = await svc.infer(x, name)
+        index = svc.references.for_model(name, pred)  # the adapter that ran (it may have been replaced meanwhile)
+        neighbors = await svc.off_loop(lambda: index.neighbors(*index.search(z, req.k)))
+    except BentoMLException as e:
+        return JSONResponse({"error": str(e)}, status_code=e.error_code.value)
+    if batch:
+        return JSONResponse({"neighbors": neighbors, "n_cells": len(neighbors)})
+    return JSONResponse({"neighbors": neighbors[0], "genes_used": alignment.n_overlap})
+
+
 v1_app = Starlette(routes=[Route("/metadata", _metadata, methods=["GET"]), Route("/models", _models, methods=["GET"]),
+                           Route("/search", _search, methods=["POST"]),
+                           Route("/search_batch", _search, methods=["POST"]),
                            Route("/admin/adapters", _admin_adapters, methods=["POST"]),
                            Route("/admin/adapters/{name}", _admin_adapters, methods=["DELETE"]),
                            Route("/predict_batch_npz", _predict_batch_npz, methods=["POST"])])
@@ -196,6 +233,10 @@ class SCimilarityLoRA:
             self._single = CellTypePredictor.load(self.model.path)
             self.batcher = MicroBatcher(self._single, SETTINGS.max_batch_rows)
         self.cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="featurize")
+        served = ({n: s.predictor for n, s in self.adapters.served.items()} if self.adapters
+                  else {self.default_model: self._single})
+        #: one reference index per model that has one, opened once per process (see .search)
+        self.references = References(SETTINGS.reference, served, self.default_model)
         log.info("serving %s: %d classes, %d genes", info.tag, len(self.predictor.classes), len(self.predictor.genes))
 
     def _add_or_skip(self, tag: str) -> None:
@@ -234,6 +275,7 @@ class SCimilarityLoRA:
                 "temperature": pred.calibration.temperature,
                 "confidence_threshold": pred.calibration.confidence_threshold,
                 "novelty_threshold": pred.calibration.novelty_threshold},
+            "references": self.references.summary(),
             "limits": {"max_genes_per_cell": SETTINGS.max_genes, "max_cells": SETTINGS.max_cells,
                        "max_body_bytes": SETTINGS.max_body_bytes},
         }
@@ -365,27 +407,44 @@ class SCimilarityLoRA:
     # -- endpoints -------------------------------------------------------------------------------------------
     @bentoml.api(input_spec=CellRequest, route="/predict")
     async def predict(self, expression: dict[str, float], values: str = "counts", top_k: int = 3,
-                      force_label: bool = False, model: str | None = None) -> dict:
+                      force_label: bool = False, model: str | None = None, method: str = "head", k: int = 15) -> dict:
         """Predict the cell type of one cell ("unknown", with the best guess and the reason, when the model is not
-        confident or has never seen the like of it; ``force_label`` always names a type)."""
+        confident or has never seen the like of it; ``force_label`` always names a type). ``method="knn"``: the
+        vote of the k nearest cells of the model's reference index."""
         name, pred = await self.resolve(model)
+        if method == "knn":
+            self.references.for_model(name, pred)
         x, alignment = await self.off_loop(self._one_cell, expression, values, "", pred)
         probs, z, pred = await self.infer(x, name)
         unknown = list(alignment.unknown_genes)
-        return {**self._predictions(probs, z, top_k, force_label, pred)[0], "genes_used": alignment.n_overlap,
+        answer = await self._answers(name, pred, probs, z, top_k, force_label, method, k)
+        return {**answer[0], "genes_used": alignment.n_overlap,
                 "genes_unknown": unknown[:100], "n_genes_unknown": len(unknown), "values": values}
 
     @bentoml.api(input_spec=BatchRequest, route="/predict_batch")
     async def predict_batch(self, cells: list | None = None, sparse: SparseCells | None = None,
                             values: str = "counts", top_k: int = 3, force_label: bool = False,
-                            model: str | None = None) -> dict:
+                            model: str | None = None, method: str = "head", k: int = 15) -> dict:
         """Predict many cells: a list of expression dicts, or one CSR-like sparse block with a shared gene list."""
         if (cells is None) == (sparse is None):
             raise InvalidArgument("send exactly one of 'cells' (a list of {expression: {...}}) or 'sparse'")
         name, pred = await self.resolve(model)
+        if method == "knn":
+            self.references.for_model(name, pred)
         x, used = await self.off_loop(self._prepare_batch, cells, sparse, values, pred)
         probs, z, pred = await self.infer(x, name)
-        return self.batch_response(probs, z, top_k, used, force_label, pred)
+        if method != "knn":
+            return self.batch_response(probs, z, top_k, used, force_label, pred)
+        answers = await self._answers(name, pred, probs, z, top_k, force_label, method, k)
+        return {"predictions": [{**a, "genes_used": u} for a, u in zip(answers, used)], "n_cells": len(used)}
+
+    async def _answers(self, name: str, pred: CellTypePredictor, probs: np.ndarray, z: np.ndarray, top_k: int,
+                       force_label: bool, method: str, k: int) -> list[dict[str, Any]]:
+        """The head's answers, or with ``method="knn"`` those of the model's reference index."""
+        if method != "knn":
+            return self._predictions(probs, z, top_k, force_label, pred)
+        index = self.references.for_model(name, pred)
+        return await self.off_loop(knn_predictions, index, z, k, top_k, force_label)
 
     @bentoml.api(input_spec=EmbedRequest, route="/embed")
     async def embed(self, expression: dict[str, float], values: str = "counts", model: str | None = None) -> dict:

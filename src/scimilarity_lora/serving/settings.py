@@ -21,6 +21,7 @@ class Settings:
     adapters: tuple[str, ...] = ()      # adapters of that base to serve (default: all of them in the store)
     default_model: str | None = None    # the adapter that requests without "model" go to (default: first by name)
     admin_token: str | None = None      # enables /v1/admin/adapters (add/remove adapters while serving)
+    reference: str = ""                 # reference index dir (default model), or name=dir,name=dir (one per adapter)
     max_genes: int = 40_000            # genes per cell / per sparse block
     max_cells: int = 10_000            # cells per request
     max_nnz: int = 5_000_000           # non-zeros per request
@@ -40,6 +41,7 @@ class Settings:
             adapters=tuple(a for a in os.environ.get("SCIMILARITY_LORA_ADAPTERS", "").split(",") if a),
             default_model=os.environ.get("SCIMILARITY_LORA_DEFAULT_MODEL") or None,
             admin_token=os.environ.get("SCIMILARITY_LORA_ADMIN_TOKEN") or None,
+            reference=os.environ.get("SCIMILARITY_LORA_REFERENCE", ""),
             max_genes=_int("SCIMILARITY_LORA_MAX_GENES", cls.max_genes),
             max_cells=_int("SCIMILARITY_LORA_MAX_CELLS", cls.max_cells),
             max_nnz=_int("SCIMILARITY_LORA_MAX_NNZ", cls.max_nnz),

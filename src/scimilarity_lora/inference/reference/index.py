@@ -56,22 +56,22 @@ class KnnResult:
     status: np.ndarray
     neighbors: np.ndarray
     distances: np.ndarray
+    shares: np.ndarray  # cells x classes: each class's share of the weighted vote
 
     def labels(self, classes: list[str], force_label: bool = False) -> list[str]:
         names = np.asarray(classes, dtype=object)[self.best] if len(self.best) else np.array([], dtype=object)
         return [n if force_label or s == "ok" else UNKNOWN for n, s in zip(names, self.status)]
 
 
-def knn_vote(neighbor_labels: np.ndarray, distances: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(best class, its share of the vote) per cell from its neighbours' labels, each vote weighted by
+def knn_vote(neighbor_labels: np.ndarray, distances: np.ndarray, n_classes: int) -> np.ndarray:
+    """Each class's share of the vote (cells x classes) from the neighbours' labels, each vote weighted by
     1 / max(distance, 1e-6), SCimilarity's distance weighting (``get_predictions_knn(weighting=True)``)."""
     weights = 1.0 / np.maximum(distances.astype(np.float64), 1e-6)
     votes = np.zeros((len(neighbor_labels), n_classes))
     np.add.at(votes, (np.repeat(np.arange(len(neighbor_labels)), neighbor_labels.shape[1]), neighbor_labels.ravel()),
               weights.ravel())
-    best = votes.argmax(axis=1)
-    total = votes.sum(axis=1)
-    return best, (votes[np.arange(len(best)), best] / np.where(total > 0, total, 1)).astype(np.float32)
+    total = votes.sum(axis=1, keepdims=True)
+    return (votes / np.where(total > 0, total, 1)).astype(np.float32)
 
 
 def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65_536
@@ -136,6 +136,7 @@ class ReferenceIndex:
                                       f"{n}")
         self.hnsw.set_ef(int(self.manifest["hnsw"]["ef"]))
         self._lock = threading.Lock()  # set_ef/knn_query from several request threads
+        self._columns: dict[str, np.ndarray] | None = None
 
     @property
     def identity(self) -> dict[str, str]:
@@ -171,27 +172,25 @@ class ReferenceIndex:
     def annotate(self, z: np.ndarray, k: int = 15, threshold: float | None = None) -> KnnResult:
         """Distance-weighted kNN labels; "novel" beyond the calibrated distance threshold (or ``threshold``)."""
         pos, dist = self.search(z, k)
-        best, fraction = knn_vote(self.label_codes[pos], dist, len(self.classes))
+        shares = knn_vote(self.label_codes[pos], dist, len(self.classes))
+        best = shares.argmax(axis=1)
+        fraction = shares[np.arange(len(best)), best]
         nearest = dist[:, 0] if dist.shape[1] else np.zeros(len(z), dtype=np.float32)
         cut = self.novelty_threshold if threshold is None else threshold
         status = np.where(nearest > cut, "novel", "ok").astype(object)
-        return KnnResult(best, fraction, nearest, status, pos, dist)
+        return KnnResult(best, fraction, nearest, status, pos, dist, shares)
 
     def neighbors(self, pos: np.ndarray, dist: np.ndarray) -> list[list[dict[str, Any]]]:
         """Per query cell, its neighbours as records: cell_id, distance, label and the kept obs columns."""
-        label_key = self.manifest["label_key"]
-        columns = [c for c in self.kept_columns if c != label_key]
-        table = self.cells
-        out = []
-        for row_pos, row_dist in zip(pos, dist):
-            rows = table.iloc[row_pos]
-            records = []
-            for (_, cell), d in zip(rows.iterrows(), row_dist):
-                records.append({"cell_id": str(cell["cell_id"]), "distance": round(float(d), 6),
-                                "label": str(cell[label_key]),
-                                **{c: _json_value(cell[c]) for c in columns}})
-            out.append(records)
-        return out
+        if self._columns is None:  # JSON-ready columns, built once
+            label_key = self.manifest["label_key"]
+            self._columns = {"label": self.cells[label_key].astype(str).to_numpy(dtype=object),
+                             **{c: np.array([_json_value(v) for v in self.cells[c]], dtype=object)
+                                for c in self.kept_columns if c != label_key}}
+        columns = self._columns
+        return [[{"cell_id": str(self.cell_ids[p]), "distance": round(float(d), 6),
+                  **{c: values[p] for c, values in columns.items()}} for p, d in zip(row_pos, row_dist)]
+                for row_pos, row_dist in zip(pos, dist)]
 
 
 def _json_value(v: Any) -> Any:
