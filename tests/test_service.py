@@ -28,7 +28,15 @@ def exported(tmp_path_factory):
            "SCIMILARITY_LORA_BODY_TIMEOUT_S": "3"}
     tag = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(root / "run")], env=env, cwd=REPO,
                          capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    return {"root": root, "env": {**env, "SCIMILARITY_LORA_MODEL": tag}, "tag": tag}
+    # a reference index of the bundled PBMCs (raw counts, Census columns) built with the run's adapter (#24)
+    from scimilarity_lora.data.soma_store import pbmc_counts
+    from scimilarity_lora.inference.reference import build_index
+
+    pbmc_counts().write_h5ad(root / "reference.h5ad")
+    index = build_index(root / "run" / "model", str(root / "reference.h5ad"), root / "index", label_key="cell_type",
+                        keep_obs=["donor_id"], progress=False)
+    return {"root": root, "env": {**env, "SCIMILARITY_LORA_MODEL": tag, "SCIMILARITY_LORA_REFERENCE": str(index)},
+            "tag": tag, "index": index}
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
@@ -38,7 +46,7 @@ def served(exported, request):
     env = {**exported["env"], "SCIMILARITY_LORA_WORKERS": str(request.param), "SCIMILARITY_LORA_TORCH_THREADS": "1"}
     proc, url, port = start_bentoml(env, log)
     yield {"url": url, "tag": exported["tag"], "predictor": CellTypePredictor.load(root / "run" / "model"),
-           "port": port, "log": log, "workers": request.param}
+           "port": port, "log": log, "workers": request.param, "index": exported["index"]}
     stop_bentoml(proc)
 
 
@@ -152,16 +160,96 @@ def test_embed_matches_the_in_process_encoder(served, pbmc):
         assert np.linalg.norm(body["embedding"]) == pytest.approx(1, abs=1e-5)
 
 
+def _reference_cells(n=8):
+    from scimilarity_lora.data.soma_store import pbmc_counts
+
+    cells = pbmc_counts()[:n]
+    genes = np.asarray(cells.var_names)
+    X = cells.X.tocsr()
+    return cells, X, [dict(zip(genes[r.indices].tolist(), r.data.tolist())) for r in X]
+
+
+def test_search_answers_the_nearest_reference_cells(served):
+    """/v1/search over HTTP equals the index searched in-process with the run's encoder (#24)."""
+    from scimilarity_lora.inference.reference import ReferenceEncoder, ReferenceIndex
+
+    cells, X, expressions = _reference_cells()
+    index = ReferenceIndex(served["index"])
+    encoder = ReferenceEncoder.load(served["index"].parent / "run" / "model")
+    z, _ = encoder.embed(X, encoder.alignment(list(cells.var_names)))
+    pos, dist = index.search(z, 5)
+    for i, expression in enumerate(expressions):
+        r = post(served, "/v1/search", {"expression": expression, "k": 5})
+        assert r.status_code == 200, r.text
+        neighbors = r.json()["neighbors"]
+        assert [n["cell_id"] for n in neighbors] == index.cell_ids[pos[i]].tolist()
+        assert neighbors[0]["cell_id"] == cells.obs_names[i]  # a reference cell finds itself first
+        assert [n["distance"] for n in neighbors] == pytest.approx(dist[i].tolist(), abs=1e-4)
+        assert [n["label"] for n in neighbors] == index.cells["cell_type"].iloc[pos[i]].tolist()
+        assert [n["donor_id"] for n in neighbors] == index.cells["donor_id"].iloc[pos[i]].tolist()
+    sparse = {"genes": list(cells.var_names), "indptr": X.indptr.tolist(), "indices": X.indices.tolist(),
+              "data": X.data.tolist()}
+    batch = post(served, "/v1/search_batch", {"sparse": sparse, "k": 3}).json()
+    assert batch["n_cells"] == len(expressions)
+    assert [[n["cell_id"] for n in row] for row in batch["neighbors"]] == index.cell_ids[pos[:, :3]].tolist()
+
+
+def test_knn_method_answers_the_index_vote(served):
+    from scimilarity_lora.inference.reference import ReferenceEncoder, ReferenceIndex
+
+    cells, X, expressions = _reference_cells()
+    index = ReferenceIndex(served["index"])
+    encoder = ReferenceEncoder.load(served["index"].parent / "run" / "model")
+    z, _ = encoder.embed(X, encoder.alignment(list(cells.var_names)))
+    knn = index.annotate(z, 15)
+    one = post(served, "/predict", {"expression": expressions[0], "method": "knn"}).json()
+    assert one["best_guess"] == index.classes[int(knn.best[0])] == cells.obs["cell_type"].iloc[0]
+    assert one["confidence"] == pytest.approx(float(knn.fraction[0]), abs=1e-4)
+    assert one["nearest_distance"] == pytest.approx(float(knn.nearest[0]), abs=1e-4) and one["status"] == "ok"
+    batch = post(served, "/predict_batch", {"cells": [{"expression": e} for e in expressions], "method": "knn",
+                                            "top_k": 2}).json()
+    assert [p["best_guess"] for p in batch["predictions"]] == [index.classes[int(b)] for b in knn.best]
+    assert all(len(p["top_k"]) == 2 for p in batch["predictions"])
+    head = post(served, "/predict", {"expression": expressions[0]}).json()
+    assert head["best_guess"] in served["predictor"].classes and "nearest_distance" not in head
+
+
+@pytest.mark.parametrize("route, payload, status, message", [
+    ("/v1/search", {"expression": {"CD3D": 1.0}, "k": 0}, 400, "greater than or equal to 1"),
+    ("/v1/search", {"expression": {"CD3D": 1.0}, "k": 101}, 400, "less than or equal to 100"),
+    ("/v1/search", {"expression": {"CD3D": -1.0}}, 400, "greater than or equal to 0"),
+    ("/v1/search", {"expression": {"NOT_A_GENE": 1.0}}, 400, "none of the 1 genes"),
+    ("/v1/search", {"expression": {"CD3D": 1.0}, "model": "nope"}, 404, "unknown model 'nope'"),
+    ("/v1/search", '{"expression": {"CD3D": 1.0', 400, "Invalid JSON"),
+    ("/v1/search", '{"expression": {"CD3D": 1.0}, "k": 2, "k": 3}', 400, "duplicate JSON key"),
+    ("/v1/search", "", 400, "Invalid JSON"),
+    ("/v1/search_batch", {"k": 2}, 400, "exactly one of"),
+    ("/v1/search_batch", {"cells": [{"expression": {"CD3D": 1.0}}, {"expression": {"XYZ": 1.0}}]}, 400, "cell 1:"),
+    ("/predict", {"expression": {"CD3D": 1.0}, "method": "vote"}, 400, "'head' or 'knn'"),
+    ("/predict", {"expression": {"CD3D": 1.0}, "method": "knn", "k": 0}, 400, "greater than or equal to 1"),
+])
+def test_search_bad_input_is_a_4xx_with_a_message(served, route, payload, status, message):
+    r = post(served, route, data=payload) if isinstance(payload, str) else post(served, route, payload)
+    assert r.status_code == status, r.text
+    assert message in error_text(r)
+
+
 def test_metadata_and_health(served):
     meta = requests.get(f"{served['url']}/v1/metadata", timeout=10).json()
     assert meta["model_tag"] == served["tag"] and meta["n_genes"] == 765
     assert meta["classes"] == served["predictor"].classes and "val/macro_f1" in meta["training_metrics"]
+    reference = meta["references"][served["tag"].split(":")[0]]
+    assert reference["n_cells"] == 700 and reference["kept_obs"] == ["cell_type", "donor_id"]
     assert requests.get(f"{served['url']}/healthz", timeout=10).status_code == 200
 
 
 def test_openapi_describes_the_real_contract(served):
     spec = requests.get(f"{served['url']}/docs.json", timeout=10).json()
-    assert {"/predict", "/predict_batch", "/embed", "/v1/predict_batch_npz", "/v1/metadata"} <= set(spec["paths"])
+    assert {"/predict", "/predict_batch", "/embed", "/v1/predict_batch_npz", "/v1/metadata", "/v1/search",
+            "/v1/search_batch"} <= set(spec["paths"])
+    search = spec["paths"]["/v1/search"]["post"]
+    assert search["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("SearchRequest")
+    assert {"200", "400", "404", "409"} <= set(search["responses"])
     text = json.dumps(spec)
     for word in ("expression", "log1p", "indptr", "top_k", "force_label"):
         assert word in text

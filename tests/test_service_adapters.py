@@ -31,9 +31,15 @@ def served(tmp_path_factory):
         out = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(root / name), "--adapter",
                               "--name", name], env=env, cwd=REPO, capture_output=True, text=True, check=True)
         base = out.stdout.strip().splitlines()[-1].split("(base ")[1].rstrip(")")
-    env.update(SCIMILARITY_LORA_MODEL=base, SCIMILARITY_LORA_ADAPTERS=",".join(RUNS), SCIMILARITY_LORA_ADMIN_TOKEN=TOKEN)
+    # one reference index, built with pbmc_bulk's adapter, named for both: pbmc_louvain's must be refused (#24)
+    from scimilarity_lora.inference.reference import build_index
+
+    index = build_index(root / "pbmc_bulk" / "model", "pbmc68k_reduced", root / "index", label_key="louvain",
+                        layer="raw", input_is_log1p=True, progress=False)
+    env.update(SCIMILARITY_LORA_MODEL=base, SCIMILARITY_LORA_ADAPTERS=",".join(RUNS), SCIMILARITY_LORA_ADMIN_TOKEN=TOKEN,
+               SCIMILARITY_LORA_REFERENCE=f"pbmc_bulk={index},pbmc_louvain={index}")
     proc, url, _ = start_bentoml(env, root / "serve.log")
-    yield {"url": url, "env": env,
+    yield {"url": url, "env": env, "log": root / "serve.log", "index": index,
            "predictors": {n: CellTypePredictor.load(root / n / "model") for n in {**RUNS, **LATER}}}
     stop_bentoml(proc)
 
@@ -42,6 +48,26 @@ def cell(pbmc, i: int) -> dict:
     row = pbmc.raw.X[i].toarray().ravel() if hasattr(pbmc.raw.X, "toarray") else pbmc.raw.X[i]
     genes = np.asarray(pbmc.raw.var_names)
     return {g: round(float(v), 5) for g, v in zip(genes, row) if v > 0}
+
+
+def test_each_adapter_searches_only_an_index_its_own_encoder_built(served, pbmc):
+    from scimilarity_lora.inference.reference import ReferenceIndex
+
+    index = ReferenceIndex(served["index"])
+    r = requests.post(f"{served['url']}/v1/search", json={"expression": cell(pbmc, 3), "values": "log1p", "k": 4,
+                                                         "model": "pbmc_bulk"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["neighbors"][0]["cell_id"] == pbmc.obs_names[3]  # itself, in the adapter's own embedding
+    assert [n["label"] for n in r.json()["neighbors"]][0] == str(pbmc.obs["louvain"].iloc[3])
+    knn = requests.post(f"{served['url']}/predict", json={"expression": cell(pbmc, 3), "values": "log1p",
+                                                         "method": "knn", "model": "pbmc_bulk"}, timeout=30).json()
+    assert knn["best_guess"] in index.classes  # louvain clusters: the index's labels, not the head's bulk labels
+    for route, extra in (("/v1/search", {}), ("/predict", {"method": "knn"})):
+        r = requests.post(f"{served['url']}{route}", json={"expression": cell(pbmc, 3), "values": "log1p",
+                                                          "model": "pbmc_louvain", **extra}, timeout=30)
+        assert r.status_code == 404 and "'pbmc_louvain' has no reference index" in r.text, r.text
+    log = served["log"].read_text()
+    assert "no reference index for pbmc_louvain" in log and "was built with adapter" in log
 
 
 def test_models_lists_each_adapter_with_its_classes(served):
