@@ -65,7 +65,7 @@ def test_neighbours_equal_brute_force(setting):
     z = z + 0.02 * rng.normal(size=z.shape).astype(np.float32)
     z /= np.linalg.norm(z, axis=1, keepdims=True)
     pos, dist = index.search(z, 15)
-    exact_pos, exact_dist = exact_search(index.embeddings, z, 15, chunk=97)  # chunks that do not divide the cells
+    exact_pos, exact_dist = exact_search(index.embeddings, z, 15, chunk=97, query_block=30)  # uneven blocks
     full = 1 - z @ np.asarray(index.embeddings).T
     np.testing.assert_allclose(exact_dist, np.sort(full, axis=1)[:, :15], atol=1e-5)
     recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(pos, exact_pos)])

@@ -74,23 +74,29 @@ def knn_vote(neighbor_labels: np.ndarray, distances: np.ndarray, n_classes: int)
     return (votes / np.where(total > 0, total, 1)).astype(np.float32)
 
 
-def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65_536
+def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65_536, query_block: int = 512
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force cosine neighbours (positions, distances), nearest first, over ``embeddings`` read in chunks of
-    rows (a memory-mapped million-cell matrix is never loaded whole): the ground truth the index is measured by."""
-    q = np.ascontiguousarray(queries, dtype=np.float32)
+    rows (a memory-mapped million-cell matrix is never loaded whole; one block of similarities is at most
+    ``query_block`` x ``chunk`` floats): the ground truth the index is measured by."""
+    q_all = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(k, len(embeddings))
-    best_sim = np.full((len(q), 0), -np.inf, dtype=np.float32)
-    best_pos = np.zeros((len(q), 0), dtype=np.int64)
-    for s in range(0, len(embeddings), chunk):
-        sims = q @ np.asarray(embeddings[s:s + chunk], dtype=np.float32).T
-        take = min(k, sims.shape[1])
-        part = np.argpartition(-sims, take - 1, axis=1)[:, :take]
-        cand_sim = np.concatenate([best_sim, np.take_along_axis(sims, part, 1)], axis=1)
-        cand_pos = np.concatenate([best_pos, part + s], axis=1)
-        keep = np.argsort(-cand_sim, axis=1, kind="stable")[:, :k]
-        best_sim, best_pos = np.take_along_axis(cand_sim, keep, 1), np.take_along_axis(cand_pos, keep, 1)
-    return best_pos, (1.0 - best_sim).astype(np.float32)
+    positions = np.zeros((len(q_all), k), dtype=np.int64)
+    similarities = np.zeros((len(q_all), k), dtype=np.float32)
+    for b in range(0, len(q_all), query_block):
+        q = q_all[b:b + query_block]
+        best_sim = np.full((len(q), 0), -np.inf, dtype=np.float32)
+        best_pos = np.zeros((len(q), 0), dtype=np.int64)
+        for s in range(0, len(embeddings), chunk):
+            sims = q @ np.asarray(embeddings[s:s + chunk], dtype=np.float32).T
+            take = min(k, sims.shape[1])
+            part = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+            cand_sim = np.concatenate([best_sim, np.take_along_axis(sims, part, 1)], axis=1)
+            cand_pos = np.concatenate([best_pos, part + s], axis=1)
+            keep = np.argsort(-cand_sim, axis=1, kind="stable")[:, :k]
+            best_sim, best_pos = np.take_along_axis(cand_sim, keep, 1), np.take_along_axis(cand_pos, keep, 1)
+        positions[b:b + len(q)], similarities[b:b + len(q)] = best_pos, best_sim
+    return positions, (1.0 - similarities).astype(np.float32)
 
 
 class ReferenceIndex:

@@ -1,0 +1,186 @@
+"""Study 3 (#22): label another study's cells, this project against the tools users pick instead, on real tasks.
+
+    python experiments/cross_study/study3.py [--seeds 0 1 2] [--tasks ...] [--methods ...]   (run.sh calls it)
+
+Every method sees the same reference cells (100% of the reference file: peers train on all of it, and so does this
+project, whose own validation split is carved from those cells) and is scored on the same query cells by the same
+label matching and metrics (``evaluate.py query.path=...`` for this project, ``score_predictions.py`` for the
+peers). Each command runs under ``/usr/bin/time -v``: wall time and peak RSS are measured from outside. Results
+accumulate in ``outputs/cross_study/study3/results.jsonl`` (one line per task, method and seed; a finished line is
+not run again) and are summarised by ``summarize_study3.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+MAPS = HERE / "label_maps"
+PEERS = REPO / ".venv-peers" / "bin" / "python"
+OUT = REPO / "outputs" / "cross_study" / "study3"
+
+
+def datasets(real: Path) -> dict[str, dict]:
+    """Each dataset: its file, label column, layer, whether that layer is log1p, and its label -> CL id table."""
+    return {
+        "sorted": {"path": str(real / "mudan_sorted_pbmc.h5ad"), "label": "cell_type", "layer": "X", "log1p": False,
+                   "map": str(MAPS / "mudan_sorted_pbmc.csv")},
+        "pbmc3k": {"path": str(real / "pbmc3k_seurat.h5ad"), "label": "cell_type", "layer": "X", "log1p": False,
+                   "map": str(MAPS / "pbmc3k_seurat.csv")},
+        "pbmc68k": {"path": "pbmc68k_reduced", "label": "bulk_labels", "layer": "raw", "log1p": True,
+                    "map": "packaged:pbmc68k_bulk_labels"},
+    }
+
+
+def within_split(real: Path, seed: int = 0) -> tuple[dict, dict]:
+    """pbmc3k split 80/20 at random (stratified by label): the in-distribution reference point."""
+    import anndata as ad
+    import numpy as np
+
+    d = datasets(real)["pbmc3k"]
+    folder = OUT / "data"
+    ref, query = folder / "pbmc3k_ref80.h5ad", folder / "pbmc3k_query20.h5ad"
+    if not query.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        a = ad.read_h5ad(d["path"])
+        rng = np.random.default_rng(seed)
+        is_query = np.zeros(a.n_obs, dtype=bool)
+        for label in a.obs[d["label"]].astype(str).unique():
+            rows = np.flatnonzero(a.obs[d["label"]].astype(str).to_numpy() == label)
+            is_query[rng.choice(rows, max(1, round(0.2 * len(rows))), replace=False)] = True
+        a[~is_query].write_h5ad(ref)
+        a[is_query].write_h5ad(query)
+    return {**d, "path": str(ref)}, {**d, "path": str(query)}
+
+
+TASKS = {  # name: (reference, query)
+    "sorted->pbmc3k": ("sorted", "pbmc3k"),
+    "sorted->pbmc68k": ("sorted", "pbmc68k"),
+    "pbmc3k->pbmc68k": ("pbmc3k", "pbmc68k"),
+    "pbmc68k->pbmc3k": ("pbmc68k", "pbmc3k"),
+    "within-pbmc3k": ("pbmc3k_ref80", "pbmc3k_query20"),
+}
+#: this project's recipes (train.py overrides on top of data=h5ad) and the peers
+OURS = {
+    "lora_default": [],
+    "full_finetune": ["finetune=full"],
+    "lora_packaged_base": ["model=demo_base"],
+}
+PEER_METHODS = ("celltypist", "celltypist_fs", "logreg", "scanvi", "singler")
+SEEDED = {"lora_default", "full_finetune", "lora_packaged_base", "logreg", "scanvi", "celltypist_fs"}
+
+
+def timed(cmd: list[str], log: Path) -> dict:
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        res = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
+    text = log.read_text()
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed; see {log}:\n{text[-2000:]}")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return {"wall_s": round(time.perf_counter() - t, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None}
+
+
+def run_ours(task: str, method: str, seed: int, ref: dict, query: dict, work: Path) -> dict:
+    run_dir = work / "run"
+    cost = timed([sys.executable, "train.py", "data=h5ad", f"data.path={ref['path']}", f"data.label_key={ref['label']}",
+                  f"data.layer={ref['layer']}", f"data.input_is_log1p={str(ref['log1p']).lower()}",
+                  f"data.label_to_ontology={ref['map']}", f"seed={seed}", *OURS[method],
+                  "trainer.enable_progress_bar=false", "logger=csv", f"hydra.run.dir={run_dir}"], work / "train.log")
+    index = work / "index"
+    build = timed([sys.executable, "-m", "scimilarity_lora.inference.reference", "build", str(run_dir), ref["path"],
+                   "--out", str(index), "--label-key", ref["label"], "--layer", ref["layer"], "--no-progress",
+                   *(["--log1p"] if ref["log1p"] else [])], work / "index.log")
+    evaluate = timed([sys.executable, "evaluate.py", f"run_dir={run_dir}", f"query.path={query['path']}",
+                      f"query.label_key={query['label']}", f"query.layer={query['layer']}",
+                      f"query.input_is_log1p={str(query['log1p']).lower()}", f"query.label_map={query['map']}",
+                      f"query.reference={index}", "query.name=query", "baselines=false"], work / "evaluate.log")
+    r = json.loads((run_dir / "evaluation" / "query" / "query" / "report.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    keep = ("accuracy", "macro_f1", "balanced_accuracy", "ontology_aware_accuracy", "rejection_rate", "n_cells_scored")
+    head = {k: r[k] for k in keep}
+    head.update(coverage_with_unknown=r["with_unknown"]["coarse"]["coverage"],
+                accuracy_with_unknown=r["with_unknown"]["coarse"]["accuracy"],
+                own_test_macro_f1=metrics.get("test/macro_f1"), own_test_accuracy=metrics.get("test/accuracy"))
+    mv = r.get("majority_voting") or {}
+    knn = r["knn"]
+    base = {"task": task, "seed": seed, "train": cost, "index_build": build, "evaluate": evaluate}
+    return [{**base, "method": method, **head},
+            {**base, "method": f"{method}+majority_voting", "accuracy": mv.get("accuracy"),
+             "macro_f1": mv.get("macro_f1"), "balanced_accuracy": mv.get("balanced_accuracy")},
+            {**base, "method": f"{method}+knn", **{k: knn.get(k) for k in ("accuracy", "macro_f1", "balanced_accuracy",
+                                                                           "rejection_rate", "n_cells_scored")},
+             "coverage_with_unknown": (knn.get("with_unknown") or {}).get("coverage"),
+             "accuracy_with_unknown": (knn.get("with_unknown") or {}).get("accuracy")}]
+
+
+def run_peer(task: str, method: str, seed: int, ref: dict, query: dict, work: Path) -> list[dict]:
+    pred = work / "predictions.csv"
+    args = [ref["path"], ref["label"], query["path"], str(pred), "--ref-layer", ref["layer"], "--query-layer",
+            query["layer"], *(["--ref-log1p"] if ref["log1p"] else []), *(["--query-log1p"] if query["log1p"] else [])]
+    script = {"celltypist": "celltypist_run.py", "celltypist_fs": "celltypist_run.py", "logreg": "logreg_run.py",
+              "scanvi": "scanvi_run.py", "singler": "singler_run.py"}[method]
+    extra = {"celltypist": ["--majority-voting"], "celltypist_fs": ["--feature-selection", "--majority-voting"]}.get(
+        method, [])
+    cost = timed([str(PEERS), str(HERE / "peers" / script), *args, *extra, "--seed", str(seed)], work / "peer.log")
+    rows = []
+    columns = ["predicted_labels"] + (["majority_voting"] if method.startswith("celltypist") else [])
+    for column in columns:
+        out = subprocess.run([sys.executable, str(HERE / "score_predictions.py"), str(pred), query["path"],
+                              query["label"], "--classes-map", ref["map"], "--query-map", query["map"],
+                              "--column", column], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        scored = json.loads(out)
+        meta = json.loads(pred.with_suffix(".json").read_text())
+        rows.append({"task": task, "seed": seed, "method": method + ("+majority_voting" if column != "predicted_labels"
+                                                                     else ""),
+                     "train": cost, **{k: v for k, v in scored.items() if k != "labels"},
+                     "tool": {k: v for k, v in meta.items() if k not in ("wall_seconds", "peak_rss_mb")}})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--real", default=str(REPO.parent / "shared" / "data" / "real"))
+    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--methods", nargs="+", default=[*OURS, *PEER_METHODS])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a = p.parse_args()
+    real = Path(a.real)
+    if not (real / "pbmc3k_seurat.h5ad").is_file():
+        sys.exit(f"the real PBMC data is not at {real} (set --real)")
+    data = datasets(real)
+    data["pbmc3k_ref80"], data["pbmc3k_query20"] = within_split(real)
+    results = OUT / "results.jsonl"
+    OUT.mkdir(parents=True, exist_ok=True)
+    done = {(r["task"], r["method"], r["seed"]) for r in map(json.loads, results.read_text().splitlines())} \
+        if results.is_file() else set()
+    for task in a.tasks:
+        ref, query = (data[n] for n in TASKS[task])
+        for method in a.methods:
+            for seed in (a.seeds if method in SEEDED else a.seeds[:1]):
+                if (task, method, seed) in done:
+                    continue
+                work = OUT / "work" / task.replace(">", "") / method / f"seed{seed}"
+                work.mkdir(parents=True, exist_ok=True)
+                print(f"{task} {method} seed {seed}", flush=True)
+                try:
+                    rows = (run_ours if method in OURS else run_peer)(task, method, seed, ref, query, work)
+                except RuntimeError as e:
+                    print(f"  failed: {str(e)[:300]}", flush=True)
+                    continue
+                with open(results, "a") as f:
+                    for row in rows:
+                        f.write(json.dumps(row) + "\n")
+                print("  " + ", ".join(f"{r['method']} {r.get('accuracy')}/{r.get('macro_f1')}" for r in rows),
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Tables and the plot of Study 3 from ``outputs/cross_study/study3/results.jsonl`` (written by study3.py):
+``study3_results.json``, ``study3_table.md`` and ``in_vs_cross_macro_f1.png`` in experiments/cross_study/."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE.parents[1] / "outputs" / "cross_study" / "study3" / "results.jsonl"
+FIGURES = ("accuracy", "macro_f1", "balanced_accuracy", "ontology_aware_accuracy", "rejection_rate",
+           "coverage_with_unknown", "accuracy_with_unknown")
+IN_DISTRIBUTION = "within-pbmc3k"
+
+
+def mean_sd(values: list) -> dict | None:
+    v = [x for x in values if x is not None]
+    if not v:
+        return None
+    return {"mean": round(float(np.mean(v)), 4), "sd": round(float(np.std(v, ddof=1)), 4) if len(v) > 1 else 0.0,
+            "n": len(v)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["method"])].append(r)
+    out: dict = {}
+    for (task, method), rs in sorted(groups.items()):
+        entry = {f: mean_sd([r.get(f) for r in rs]) for f in FIGURES}
+        entry["n_cells_scored"] = rs[0].get("n_cells_scored")
+        entry["seeds"] = sorted(r["seed"] for r in rs)
+        entry["wall_s"] = mean_sd([sum((r.get(k) or {}).get("wall_s", 0) for k in ("train", "index_build", "evaluate"))
+                                   for r in rs])
+        entry["peak_rss_mb"] = max(max((r.get(k) or {}).get("peak_rss_mb") or 0 for k in ("train", "index_build",
+                                                                                          "evaluate")) for r in rs)
+        out.setdefault(task, {})[method] = entry
+    return out
+
+
+def fmt(x: dict | None) -> str:
+    if x is None:
+        return ""
+    return f"{x['mean']:.3f}" + (f" ± {x['sd']:.3f}" if x["n"] > 1 else "")
+
+
+def table(summary: dict) -> str:
+    lines = []
+    for task, methods in summary.items():
+        n = next(iter(methods.values()))["n_cells_scored"]
+        lines += [f"### {task} ({n} matched query cells)", "",
+                  "| method | accuracy | macro-F1 | balanced acc. | ontology-aware | rejection of absent types | "
+                  "coverage / acc. with unknown | wall s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+        order = sorted(methods, key=lambda m: -(methods[m]["macro_f1"] or {"mean": 0})["mean"])
+        for m in order:
+            e = methods[m]
+            cov = (f"{fmt(e['coverage_with_unknown'])} / {fmt(e['accuracy_with_unknown'])}"
+                   if e["coverage_with_unknown"] else "")
+            lines.append(f"| {m} | {fmt(e['accuracy'])} | {fmt(e['macro_f1'])} | {fmt(e['balanced_accuracy'])} | "
+                         f"{fmt(e['ontology_aware_accuracy'])} | {fmt(e['rejection_rate'])} | {cov} | "
+                         f"{fmt(e['wall_s'])} | {e['peak_rss_mb'] or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if IN_DISTRIBUTION not in summary:
+        return
+    cross = [t for t in summary if t != IN_DISTRIBUTION]
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for method, e in summary[IN_DISTRIBUTION].items():
+        values = [summary[t][method]["macro_f1"]["mean"] for t in cross
+                  if method in summary[t] and summary[t][method]["macro_f1"]]
+        if not values or not e["macro_f1"]:
+            continue
+        ours = not method.startswith(("celltypist", "logreg", "scanvi", "singler"))
+        ax.scatter(e["macro_f1"]["mean"], np.mean(values), marker="o" if ours else "s", color="C0" if ours else "C3")
+        ax.annotate(method, (e["macro_f1"]["mean"], np.mean(values)), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel(f"in-distribution macro-F1 ({IN_DISTRIBUTION})")
+    ax.set_ylabel(f"mean cross-study macro-F1 ({len(cross)} tasks)")
+    ax.set_title("Study 3: in-distribution vs cross-study (circles: this project; squares: peers)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def main() -> None:
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    summary = summarise(rows)
+    (HERE / "study3_results.json").write_text(json.dumps(
+        {"command": "bash experiments/cross_study/run.sh", "summary": summary, "rows": rows}, indent=1))
+    (HERE / "study3_table.md").write_text(table(summary))
+    plot(summary, HERE / "in_vs_cross_macro_f1.png")
+    print(table(summary))
+
+
+if __name__ == "__main__":
+    main()
