@@ -211,3 +211,27 @@ def test_evaluate_scores_knn_beside_the_head(setting):
     assert knn["accuracy"] == pytest.approx(1.0)  # every query cell is in this index: its own nearest neighbour
     assert knn["encoder_kind"] == "adapter" and knn["k"] == 15
     assert 0 <= report["accuracy"] <= 1
+
+
+def test_the_service_refuses_an_adapter_that_no_longer_matches_its_index(setting, tmp_path):
+    """An adapter replaced while serving by another one: its index answers 409 naming both, never other points."""
+    from bentoml.exceptions import NotFound
+
+    from scimilarity_lora.serving.search import IndexConflict, References, parse_reference_setting
+
+    assert parse_reference_setting("", "m") == {}
+    assert parse_reference_setting("/x/idx", "m") == {"m": "/x/idx"}
+    assert parse_reference_setting("a=/x, b=/y", "m") == {"a": "/x", "b": "/y"}
+    with pytest.raises(ValueError, match="name=<index dir>"):
+        parse_reference_setting("a=/x,=/y", "m")
+    served = CellTypePredictor.load(setting["model"])
+    refs = References(f"m={setting['index']}", {"m": served}, "m")
+    assert refs.for_model("m", served) is refs.indices["m"]
+    replaced = CellTypePredictor.load(_another_adapter(setting["model"], tmp_path / "replaced"))
+    with pytest.raises(IndexConflict) as e:
+        refs.for_model("m", replaced)
+    assert e.value.error_code == 409 and "was built with adapter" in str(e.value)
+    with pytest.raises(NotFound, match="has no reference index"):
+        refs.for_model("other", served)
+    skipped = References(f"m={setting['index']}", {"m": replaced}, "m")  # at start: skipped, not served wrongly
+    assert skipped.indices == {}

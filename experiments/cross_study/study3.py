@@ -67,14 +67,23 @@ TASKS = {  # name: (reference, query)
     "pbmc68k->pbmc3k": ("pbmc68k", "pbmc3k"),
     "within-pbmc3k": ("pbmc3k_ref80", "pbmc3k_query20"),
 }
+#: the base pretrained here over SCimilarity's 28,231 genes (experiments/pretrained_base; pbmc3k never entered it)
+PRETRAINED_28K = REPO / "outputs" / "pretrained_base_real" / "model"
+AUGMENT = ["data.augment.downsample_fraction=0.5", "data.augment.downsample_min=0.3", "data.augment.gene_dropout=0.1"]
 #: this project's recipes (train.py overrides on top of data=h5ad) and the peers
 OURS = {
-    "lora_default": [],
+    "lora_default": [],                                     # LoRA r=8 on a random stand-in over the 28,231 genes
     "full_finetune": ["finetune=full"],
-    "lora_packaged_base": ["model=demo_base"],
+    "probe": ["finetune=frozen"],                           # the linear probe on the frozen base
+    "lora_packaged_base": ["model=demo_base"],              # vocabulary: the pretrained 748-gene demo base
+    "lora_pretrained_28k": [f"model.pretrained_dir={PRETRAINED_28K}"],  # pretrained over the full order
+    "lora_augment": AUGMENT,                                # shift: depth downsampling + gene dropout
+    "full_augment": ["finetune=full", *AUGMENT],
+    "lora_pretrained_28k_augment": [f"model.pretrained_dir={PRETRAINED_28K}", *AUGMENT],
 }
-PEER_METHODS = ("celltypist", "celltypist_fs", "logreg", "scanvi", "singler")
-SEEDED = {"lora_default", "full_finetune", "lora_packaged_base", "logreg", "scanvi", "celltypist_fs"}
+PEER_METHODS = ("celltypist", "celltypist_fs", "logreg", "logreg_748", "scanvi", "singler")
+SEEDED = {*OURS, "logreg", "logreg_748", "scanvi", "celltypist_fs"}
+DEMO_GENES = HERE.parent / "pretrained_base" / "demo_gene_order.tsv"
 
 
 def timed(cmd: list[str], log: Path) -> dict:
@@ -88,20 +97,39 @@ def timed(cmd: list[str], log: Path) -> dict:
     return {"wall_s": round(time.perf_counter() - t, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None}
 
 
-def run_ours(task: str, method: str, seed: int, ref: dict, query: dict, work: Path) -> dict:
+def recipe(method: str, ref: dict) -> list[str]:
+    """The method's overrides; depth downsampling needs counts, so a log1p reference keeps only gene dropout."""
+    return [o for o in OURS[method] if not (ref["log1p"] and o.startswith("data.augment.downsample"))]
+
+
+def run_ours(task: str, method: str, seed: int, ref: dict, query: dict, work: Path) -> list[dict]:
     run_dir = work / "run"
     cost = timed([sys.executable, "train.py", "data=h5ad", f"data.path={ref['path']}", f"data.label_key={ref['label']}",
                   f"data.layer={ref['layer']}", f"data.input_is_log1p={str(ref['log1p']).lower()}",
-                  f"data.label_to_ontology={ref['map']}", f"seed={seed}", *OURS[method],
+                  f"data.label_to_ontology={ref['map']}", f"seed={seed}", *recipe(method, ref),
                   "trainer.enable_progress_bar=false", "logger=csv", f"hydra.run.dir={run_dir}"], work / "train.log")
-    index = work / "index"
-    build = timed([sys.executable, "-m", "scimilarity_lora.inference.reference", "build", str(run_dir), ref["path"],
-                   "--out", str(index), "--label-key", ref["label"], "--layer", ref["layer"], "--no-progress",
-                   *(["--log1p"] if ref["log1p"] else [])], work / "index.log")
-    evaluate = timed([sys.executable, "evaluate.py", f"run_dir={run_dir}", f"query.path={query['path']}",
+    def build(index: Path, *extra: str) -> dict:
+        return timed([sys.executable, "-m", "scimilarity_lora.inference.reference", "build", str(run_dir), ref["path"],
+                      "--out", str(index), "--label-key", ref["label"], "--layer", ref["layer"], "--no-progress",
+                      *(["--log1p"] if ref["log1p"] else []), *extra], work / f"{index.name}.log")
+
+    def evaluate(index: Path, name: str, *extra: str) -> dict:
+        return timed([sys.executable, "evaluate.py", f"run_dir={run_dir}", f"query.path={query['path']}",
                       f"query.label_key={query['label']}", f"query.layer={query['layer']}",
                       f"query.input_is_log1p={str(query['log1p']).lower()}", f"query.label_map={query['map']}",
-                      f"query.reference={index}", "query.name=query", "baselines=false"], work / "evaluate.log")
+                      f"query.reference={index}", f"query.name={name}", "baselines=false", *extra],
+                     work / f"evaluate_{name}.log")
+
+    index_cost = build(work / "index")
+    evaluate_cost = evaluate(work / "index", "query")
+    base_rows = []
+    if method != "probe":  # the probe's embedding is its base's: its kNN row is the base's already
+        build(work / "index_base", "--base")
+        evaluate(work / "index_base", "query_base", "query.majority_voting=false")
+        kb = json.loads((run_dir / "evaluation" / "query" / "query_base" / "report.json").read_text())["knn"]
+        base_rows.append({"task": task, "seed": seed, "method": f"{method}+knn_base_embedding",
+                          **{k: kb.get(k) for k in ("accuracy", "macro_f1", "balanced_accuracy", "rejection_rate",
+                                                    "n_cells_scored")}})
     r = json.loads((run_dir / "evaluation" / "query" / "query" / "report.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     keep = ("accuracy", "macro_f1", "balanced_accuracy", "ontology_aware_accuracy", "rejection_rate", "n_cells_scored")
@@ -111,14 +139,14 @@ def run_ours(task: str, method: str, seed: int, ref: dict, query: dict, work: Pa
                 own_test_macro_f1=metrics.get("test/macro_f1"), own_test_accuracy=metrics.get("test/accuracy"))
     mv = r.get("majority_voting") or {}
     knn = r["knn"]
-    base = {"task": task, "seed": seed, "train": cost, "index_build": build, "evaluate": evaluate}
+    base = {"task": task, "seed": seed, "train": cost, "index_build": index_cost, "evaluate": evaluate_cost}
     return [{**base, "method": method, **head},
             {**base, "method": f"{method}+majority_voting", "accuracy": mv.get("accuracy"),
              "macro_f1": mv.get("macro_f1"), "balanced_accuracy": mv.get("balanced_accuracy")},
             {**base, "method": f"{method}+knn", **{k: knn.get(k) for k in ("accuracy", "macro_f1", "balanced_accuracy",
                                                                            "rejection_rate", "n_cells_scored")},
              "coverage_with_unknown": (knn.get("with_unknown") or {}).get("coverage"),
-             "accuracy_with_unknown": (knn.get("with_unknown") or {}).get("accuracy")}]
+             "accuracy_with_unknown": (knn.get("with_unknown") or {}).get("accuracy")}, *base_rows]
 
 
 def run_peer(task: str, method: str, seed: int, ref: dict, query: dict, work: Path) -> list[dict]:
@@ -126,9 +154,9 @@ def run_peer(task: str, method: str, seed: int, ref: dict, query: dict, work: Pa
     args = [ref["path"], ref["label"], query["path"], str(pred), "--ref-layer", ref["layer"], "--query-layer",
             query["layer"], *(["--ref-log1p"] if ref["log1p"] else []), *(["--query-log1p"] if query["log1p"] else [])]
     script = {"celltypist": "celltypist_run.py", "celltypist_fs": "celltypist_run.py", "logreg": "logreg_run.py",
-              "scanvi": "scanvi_run.py", "singler": "singler_run.py"}[method]
-    extra = {"celltypist": ["--majority-voting"], "celltypist_fs": ["--feature-selection", "--majority-voting"]}.get(
-        method, [])
+              "logreg_748": "logreg_run.py", "scanvi": "scanvi_run.py", "singler": "singler_run.py"}[method]
+    extra = {"celltypist": ["--majority-voting"], "celltypist_fs": ["--feature-selection", "--majority-voting"],
+             "logreg_748": ["--genes", str(DEMO_GENES)]}.get(method, [])
     cost = timed([str(PEERS), str(HERE / "peers" / script), *args, *extra, "--seed", str(seed)], work / "peer.log")
     rows = []
     columns = ["predicted_labels"] + (["majority_voting"] if method.startswith("celltypist") else [])
@@ -164,6 +192,9 @@ def main() -> None:
     for task in a.tasks:
         ref, query = (data[n] for n in TASKS[task])
         for method in a.methods:
+            if "pretrained_28k" in method and not PRETRAINED_28K.is_dir():
+                print(f"{method}: no base at {PRETRAINED_28K} (experiments/pretrained_base/README.md builds it)")
+                continue
             for seed in (a.seeds if method in SEEDED else a.seeds[:1]):
                 if (task, method, seed) in done:
                     continue

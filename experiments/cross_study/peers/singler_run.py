@@ -33,9 +33,14 @@ def main() -> None:
     ref = log_normalised(a.ref, a.ref_layer, a.ref_log1p)
     ref = ref[ref.obs[a.ref_label].notna()].copy()
     query = log_normalised(a.query, a.query_layer, a.query_log1p)
+    def genes_by_cells(X):
+        m = X.T.tocsc()
+        m.sort_indices()  # SingleR's matrix reader wants increasing row indices within each column
+        return m
+
     result = singler.annotate_single(
-        test_data=query.X.T.tocsc(), test_features=list(query.var_names),
-        ref_data=ref.X.T.tocsc(), ref_labels=ref.obs[a.ref_label].astype(str).tolist(),
+        test_data=genes_by_cells(query.X), test_features=list(query.var_names),
+        ref_data=genes_by_cells(ref.X), ref_labels=ref.obs[a.ref_label].astype(str).tolist(),
         ref_features=list(ref.var_names), num_threads=2)
     best = np.asarray(result.column("best"), dtype=object)
     pd.DataFrame({"predicted_labels": best}, index=pd.Index(query.obs_names, name="cell_id")).to_csv(a.out)

@@ -20,6 +20,7 @@ from scimilarity_lora.data.resumable import ResumableDataLoader, ResumableSample
 from scimilarity_lora.data.io import DataError, expression_matrix, gene_names, read_anndata, validate_matrix
 from scimilarity_lora.genes import align_genes
 from scimilarity_lora.labels import LabelError
+from scimilarity_lora.data.augment import CountAugment
 from scimilarity_lora.preprocess import InvalidExpressionError, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -28,17 +29,21 @@ log = logging.getLogger(__name__)
 class CellBatchDataset(Dataset):
     """Rows of an aligned CSR matrix; ``__getitems__`` fetches and normalises a whole batch at once."""
 
-    def __init__(self, X: sp.csr_matrix, y: np.ndarray, preprocessing: Preprocessing, input_format: str = "auto") -> None:
+    def __init__(self, X: sp.csr_matrix, y: np.ndarray, preprocessing: Preprocessing, input_format: str = "auto",
+                 augment: CountAugment | None = None) -> None:
         self.X, self.y, self.preprocessing = X, torch.as_tensor(y, dtype=torch.long), preprocessing
         self.input_format = input_format
+        #: training split only: counts thinned / genes dropped per batch (see .augment)
+        self.augment = augment if augment is not None and augment.active else None
 
     def __len__(self) -> int:
         return self.X.shape[0]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
+        X = self.X[idx] if self.augment is None else self.augment(sp.csr_matrix(self.X[idx]), idx)
         # validated once for the whole matrix in setup(); skip the per-batch check on the hot path
-        return self.preprocessing(self.X[idx], validate=False, output=self.input_format), self.y[idx]
+        return self.preprocessing(X, validate=False, output=self.input_format), self.y[idx]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.__getitems__([i])
@@ -80,6 +85,7 @@ class AnnDataModule(CellDataModule):
         exclude_classes: list[str] | None = None,
         ontology_key: str | None = None,
         label_to_ontology: dict[str, str] | str | None = None,
+        augment: dict | None = None,
     ) -> None:
         super().__init__(label_key=label_key, donor_key=donor_key, min_cells_per_class=min_cells_per_class,
                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
@@ -90,6 +96,7 @@ class AnnDataModule(CellDataModule):
                          label_to_ontology=label_to_ontology)
         self.path, self.layer = path, layer
         self.gene_symbols_key, self.gene_ids_key = gene_symbols_key, gene_ids_key
+        self.augment_config = dict(augment or {})  # checked in setup(), where errors are one line
         self._adata: ad.AnnData | None = None
         self.visibility: dict = {}
 
@@ -109,6 +116,8 @@ class AnnDataModule(CellDataModule):
         if self.datasets:
             return
         gene_order = self._require_gene_order()
+        augment = CountAugment(**{"seed": self.seed, **self.augment_config})
+        augment.check(self.preprocessing.input_is_log1p)
         adata = self.adata
         if self.label_key not in adata.obs.columns:
             raise LabelError(
@@ -145,7 +154,8 @@ class AnnDataModule(CellDataModule):
                                         adata.obs_names.to_numpy(), expressed=self.preprocessing.nonempty_rows(aligned))
         aligned = aligned[rows]
         for name, part in self.splits.as_dict().items():
-            self.datasets[name] = CellBatchDataset(aligned[part], y[part], self.preprocessing, self.input_format)
+            self.datasets[name] = CellBatchDataset(aligned[part], y[part], self.preprocessing, self.input_format,
+                                                   augment=augment if name == "train" else None)
 
     def _report_visibility(self, genes: list[str], ids: list[str] | None) -> None:
         """Log what share of the file the base sees; loudly when it is under half of the counts, with what
