@@ -7,14 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from scimilarity_lora.training.resolvers import register
-
-register()
+from scimilarity_lora.api import compose
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["model=tiny", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
@@ -29,18 +24,9 @@ def compose_pretrain(overrides: list[str], output_dir: Path) -> DictConfig:
 
 
 def compose_run(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """A config composed as ``python <config_name>.py`` would, with its run dir set to ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.name = "test"
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        del cfg["hydra"]  # as in a real run: the task function never sees the hydra node
-    return cfg
+    """A config composed as ``python <config_name>.py`` would, with its run dir set to ``output_dir`` (the notebook
+    API's own composition: tests and ``sl.fit`` build configs one way)."""
+    return compose(config_name, overrides, output_dir)
 
 
 def run_train_cli(args: list[str], timeout: int = 600, env: dict | None = None,

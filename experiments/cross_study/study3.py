@@ -6,7 +6,7 @@ Every method sees the same reference cells (100% of the reference file: peers tr
 project, whose own validation split is carved from those cells) and is scored on the same query cells by the same
 label matching and metrics (``evaluate.py query.path=...`` for this project, ``score_predictions.py`` for the
 peers). Each command runs under ``/usr/bin/time -v``: wall time and peak RSS are measured from outside. Results
-accumulate in ``outputs/cross_study/study3/results.jsonl`` (one line per task, method and seed; a finished line is
+accumulate in ``experiments/cross_study/study3/results.jsonl`` (committed: runs are long and ``outputs/`` is not kept) (one line per task, method and seed; a finished line is
 not run again) and are summarised by ``summarize_study3.py``.
 """
 
@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 MAPS = HERE / "label_maps"
 PEERS = REPO / ".venv-peers" / "bin" / "python"
 OUT = REPO / "outputs" / "cross_study" / "study3"
+RESULTS = HERE / "study3" / "results.jsonl"
 
 
 def datasets(real: Path) -> dict[str, dict]:
@@ -185,8 +186,8 @@ def main() -> None:
         sys.exit(f"the real PBMC data is not at {real} (set --real)")
     data = datasets(real)
     data["pbmc3k_ref80"], data["pbmc3k_query20"] = within_split(real)
-    results = OUT / "results.jsonl"
-    OUT.mkdir(parents=True, exist_ok=True)
+    results = RESULTS
+    results.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["task"], r["method"], r["seed"]) for r in map(json.loads, results.read_text().splitlines())} \
         if results.is_file() else set()
     for task in a.tasks:

@@ -1,4 +1,4 @@
-"""Tables and the plot of Study 3 from ``outputs/cross_study/study3/results.jsonl`` (written by study3.py):
+"""Tables and the plot of Study 3 from ``experiments/cross_study/study3/results.jsonl`` (written by study3.py):
 ``study3_results.json``, ``study3_table.md`` and ``in_vs_cross_macro_f1.png`` in experiments/cross_study/."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE.parents[1] / "outputs" / "cross_study" / "study3" / "results.jsonl"
+RESULTS = HERE / "study3" / "results.jsonl"
 FIGURES = ("accuracy", "macro_f1", "balanced_accuracy", "ontology_aware_accuracy", "rejection_rate",
            "coverage_with_unknown", "accuracy_with_unknown")
 IN_DISTRIBUTION = "within-pbmc3k"

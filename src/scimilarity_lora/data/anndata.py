@@ -86,6 +86,7 @@ class AnnDataModule(CellDataModule):
         ontology_key: str | None = None,
         label_to_ontology: dict[str, str] | str | None = None,
         augment: dict | None = None,
+        adata: ad.AnnData | None = None,
     ) -> None:
         super().__init__(label_key=label_key, donor_key=donor_key, min_cells_per_class=min_cells_per_class,
                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
@@ -97,7 +98,7 @@ class AnnDataModule(CellDataModule):
         self.path, self.layer = path, layer
         self.gene_symbols_key, self.gene_ids_key = gene_symbols_key, gene_ids_key
         self.augment_config = dict(augment or {})  # checked in setup(), where errors are one line
-        self._adata: ad.AnnData | None = None
+        self._adata: ad.AnnData | None = adata  # in memory (the notebook API), else read from path
         self.visibility: dict = {}
 
     # -- inputs ----------------------------------------------------------------------------------------------

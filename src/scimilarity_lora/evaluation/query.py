@@ -78,7 +78,9 @@ def evaluate_query(model: str | Path | CellTypePredictor, path: str, label_key: 
         from scimilarity_lora.inference.reference.query import open_reference
 
         index = open_reference(reference)
-    adata = read_anndata(str(path))
+    adata = read_anndata(str(path)) if isinstance(path, (str, Path)) else path  # a file, or an AnnData in memory
+    if not isinstance(path, (str, Path)):
+        path = f"in-memory AnnData ({adata.n_obs} cells)"
     labels, query_terms = read_query_labels(adata, label_key, ontology_key)
     mapping = read_label_map(label_map, columns=MAP_COLUMNS)
     X, var_names, var = expression_matrix(adata, layer)

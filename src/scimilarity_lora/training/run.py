@@ -140,7 +140,8 @@ def _instantiate_all(nodes: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
 
 
-def run(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig, adata: Any = None) -> float | None:
+    """Train as the config says; ``adata``: an in-memory AnnData for ``data=h5ad`` (the notebook API's ``fit``)."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     finetune = finetune_config(cfg)
@@ -154,7 +155,7 @@ def run(cfg: DictConfig) -> float | None:
         ckpt_path = ckpt_path or ("last" if (out / "checkpoints" / "last.ckpt").is_file() else None)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, **({"adata": adata} if adata is not None else {}))
     base = build_base(cfg, datamodule)
     identity = base_identity(base, cfg.paths.get("base_store"))
     if finetune.mode == "lora":
