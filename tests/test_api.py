@@ -74,5 +74,6 @@ def test_the_public_names_are_listed_and_import_lazily():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]  # importing the package costs nothing until a name is used
     assert callable(sl.fit) and sl.Run.__name__ == "Run"
+    assert sl.api.config_dir().name == "conf"  # submodules too, as after `import scimilarity_lora.api`
     with pytest.raises(AttributeError):
         sl.no_such_thing

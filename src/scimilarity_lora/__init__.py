@@ -23,10 +23,14 @@ _WHERE = {
     "evaluate_query": "scimilarity_lora.evaluation.query",
 }
 
+_SUBMODULES = {"api", "data", "evaluation", "inference", "model", "serving", "training"}
+
 
 def __getattr__(name: str) -> Any:
     if name in _WHERE:
         return getattr(import_module(_WHERE[name]), name)
+    if name in _SUBMODULES:  # ``sl.api``, ``sl.inference``: submodules on first use, as after an explicit import
+        return import_module(f"scimilarity_lora.{name}")
     raise AttributeError(f"module 'scimilarity_lora' has no attribute {name!r}")
 
 

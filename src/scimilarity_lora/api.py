@@ -170,9 +170,17 @@ class Run:
 
         return build_index(self.path / "model", str(reference), out, label_key=label_key, **kwargs)
 
+    @property
+    def base_tag(self) -> str:
+        """The BentoML tag its base gets in the store with ``export(adapter=True)``: serve that tag
+        (``SCIMILARITY_LORA_MODEL=<it> bentoml serve``) to answer for every adapter of the base."""
+        from scimilarity_lora.serving.export import base_tag
+
+        return base_tag(self.metrics["base_model"]["sha256"])
+
     def export(self, adapter: bool = False, name: str | None = None) -> str:
         """Into the BentoML model store (as ``serving.export``): the merged model, or with ``adapter=True`` the
-        adapter with its base stored once. Returns the model tag."""
+        adapter with its base stored once (under :attr:`base_tag`). Returns the model's tag."""
         from scimilarity_lora.serving.export import DEFAULT_NAME, export_adapter, export_to_bentoml
 
         if adapter:

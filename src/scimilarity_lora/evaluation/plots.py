@@ -8,10 +8,16 @@ from typing import Sequence
 import numpy as np
 
 
-def _pyplot():
+def headless_pyplot():
+    """pyplot on the Agg backend for runs that only write files, unless a backend was chosen already (a notebook's
+    inline backend sets ``MPLBACKEND``; a session that imported pyplot has one): then its figures still display."""
+    import os
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg")
+    if not os.environ.get("MPLBACKEND") and "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -21,7 +27,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[float]], classes: Sequence[str],
                           title: str = "Test confusion matrix (row-normalised)",
                           row_labels: Sequence[str] | None = None, ylabel: str = "true") -> Path:
     """Row-normalised counts; ``row_labels`` for a rectangular table (e.g. another study's labels x classes)."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     cm = np.asarray(cm, dtype=float)
     rows = list(row_labels) if row_labels is not None else list(classes)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -47,7 +53,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[float]], classes: Sequence[str],
 
 def learning_curves_figure(rows: list[dict[str, float]]):
     """Train and validation loss and macro-F1 per epoch (one row per epoch, both splits of the same epoch)."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -68,7 +74,7 @@ def learning_curves_figure(rows: list[dict[str, float]]):
 def plot_learning_curves(rows: list[dict[str, float]], path: str | Path) -> Path:
     fig = learning_curves_figure(rows)
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    headless_pyplot().close(fig)
     return Path(path)
 
 
@@ -80,7 +86,7 @@ def plot_embeddings(z_base: np.ndarray, z_adapted: np.ndarray, y: np.ndarray, pr
     import pandas as pd
     import scanpy as sc
 
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     labels = pd.Categorical(np.asarray(classes, dtype=object)[y], categories=list(classes))
     wrong = predicted != y

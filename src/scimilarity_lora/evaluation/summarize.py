@@ -83,10 +83,9 @@ def over_seeds(df: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def plot(df: pd.DataFrame, path: Path) -> Path | None:
-    import matplotlib
+    from scimilarity_lora.evaluation.plots import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     x_key = "lora.r" if "lora.r" in df.columns else "trainable_params"
     x = pd.to_numeric(df[x_key], errors="coerce")
