@@ -156,6 +156,9 @@ def test_tags_reach_metrics_and_every_logger(tmp_path):
     assert metrics["tags"] == ["pbmc", "first-try"]
     hparams = (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
     assert "- pbmc" in hparams and "- first-try" in hparams
+    import wandb
+
+    wandb.teardown()  # wait for wandb-core to close the run file (see test_evaluate): finish() can return before
     (record,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     assert b"first-try" in record.read_bytes()
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))

@@ -6,8 +6,9 @@ Every method sees the same reference cells (100% of the reference file: peers tr
 project, whose own validation split is carved from those cells) and is scored on the same query cells by the same
 label matching and metrics (``evaluate.py query.path=...`` for this project, ``score_predictions.py`` for the
 peers). Each command runs under ``/usr/bin/time -v``: wall time and peak RSS are measured from outside. Results
-accumulate in ``experiments/cross_study/study3/results.jsonl`` (committed: runs are long and ``outputs/`` is not kept) (one line per task, method and seed; a finished line is
-not run again) and are summarised by ``summarize_study3.py``.
+accumulate in ``experiments/cross_study/study3/results.jsonl`` (one line per task, method and seed; a finished line
+is not run again; committed, because runs are long and ``outputs/`` is not kept) and are summarised by
+``summarize_study3.py``.
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ OURS = {
     "full_augment": ["finetune=full", *AUGMENT],
     "lora_pretrained_28k_augment": [f"model.pretrained_dir={PRETRAINED_28K}", *AUGMENT],
 }
-PEER_METHODS = ("celltypist", "celltypist_fs", "logreg", "logreg_748", "scanvi", "singler")
-SEEDED = {*OURS, "logreg", "logreg_748", "scanvi", "celltypist_fs"}
+#: the methods whose base's own embedding gets a kNN row (one per distinct base)
+BASE_KNN = {"lora_default", "lora_packaged_base", "lora_pretrained_28k"}
+PEER_METHODS = ("celltypist", "celltypist_fs", "logreg", "logreg_l1", "logreg_748", "scanvi", "singler")
+SEEDED = {*OURS, "logreg", "logreg_l1", "logreg_748", "scanvi", "celltypist_fs"}
 DEMO_GENES = HERE.parent / "pretrained_base" / "demo_gene_order.tsv"
 
 
@@ -95,7 +98,8 @@ def timed(cmd: list[str], log: Path) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])}... failed; see {log}:\n{text[-2000:]}")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return {"wall_s": round(time.perf_counter() - t, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None}
+    return {"wall_s": round(time.perf_counter() - t, 1),
+            "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None}
 
 
 def recipe(method: str, ref: dict) -> list[str]:
@@ -124,7 +128,7 @@ def run_ours(task: str, method: str, seed: int, ref: dict, query: dict, work: Pa
     index_cost = build(work / "index")
     evaluate_cost = evaluate(work / "index", "query")
     base_rows = []
-    if method != "probe":  # the probe's embedding is its base's: its kNN row is the base's already
+    if method in BASE_KNN:  # one row per base: methods on the same base share its embedding (the probe's is it)
         build(work / "index_base", "--base")
         evaluate(work / "index_base", "query_base", "query.majority_voting=false")
         kb = json.loads((run_dir / "evaluation" / "query" / "query_base" / "report.json").read_text())["knn"]
@@ -154,10 +158,10 @@ def run_peer(task: str, method: str, seed: int, ref: dict, query: dict, work: Pa
     pred = work / "predictions.csv"
     args = [ref["path"], ref["label"], query["path"], str(pred), "--ref-layer", ref["layer"], "--query-layer",
             query["layer"], *(["--ref-log1p"] if ref["log1p"] else []), *(["--query-log1p"] if query["log1p"] else [])]
-    script = {"celltypist": "celltypist_run.py", "celltypist_fs": "celltypist_run.py", "logreg": "logreg_run.py",
-              "logreg_748": "logreg_run.py", "scanvi": "scanvi_run.py", "singler": "singler_run.py"}[method]
+    script = {"celltypist": "celltypist_run.py", "celltypist_fs": "celltypist_run.py", "scanvi": "scanvi_run.py",
+              "singler": "singler_run.py"}.get(method, "logreg_run.py")
     extra = {"celltypist": ["--majority-voting"], "celltypist_fs": ["--feature-selection", "--majority-voting"],
-             "logreg_748": ["--genes", str(DEMO_GENES)]}.get(method, [])
+             "logreg_748": ["--genes", str(DEMO_GENES)], "logreg_l1": ["--l1"]}.get(method, [])
     cost = timed([str(PEERS), str(HERE / "peers" / script), *args, *extra, "--seed", str(seed)], work / "peer.log")
     rows = []
     columns = ["predicted_labels"] + (["majority_voting"] if method.startswith("celltypist") else [])
