@@ -158,7 +158,7 @@ def test_tags_reach_metrics_and_every_logger(tmp_path):
     assert "- pbmc" in hparams and "- first-try" in hparams
     import wandb
 
-    wandb.teardown()  # wait for wandb-core to close the run file (see test_evaluate): finish() can return before
+    wandb.teardown()  # finish() can return before wandb-core has closed the run file (see test_evaluate)
     (record,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     assert b"first-try" in record.read_bytes()
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
