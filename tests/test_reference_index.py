@@ -235,3 +235,56 @@ def test_the_service_refuses_an_adapter_that_no_longer_matches_its_index(setting
         refs.for_model("other", served)
     skipped = References(f"m={setting['index']}", {"m": replaced}, "m")  # at start: skipped, not served wrongly
     assert skipped.indices == {}
+
+
+def test_annotating_a_file_in_chunks_equals_annotating_it_in_memory(setting, tmp_path):
+    """The file path (the CLI's, for files too large to load) reads 97 rows at a time, writes per-cell matrices
+    chunk by chunk, and gives exactly the in-memory columns; the input's matrix and obs are kept."""
+    import anndata as ad
+    import pandas as pd
+
+    from scimilarity_lora.inference.annotate_file import annotate_file
+
+    src = setting["root"] / "cells.h5ad"
+    expected = annotate(ad.read_h5ad(src), setting["model"], reference=setting["index"], k=5, progress=False,
+                        majority_voting=True, over_clustering="donor_id")
+    out = tmp_path / "annotated.h5ad"
+    summary = annotate_file(src, out, setting["model"], reference=setting["index"], k=5, chunk_cells=97,
+                            majority_voting=True, over_clustering="donor_id")
+    got = ad.read_h5ad(out)
+    assert sorted(got.obs.columns) == sorted(expected.obs.columns)  # majority voting's columns come last here
+    for c in expected.obs.columns:
+        a, b = got.obs[c], expected.obs[c]
+        if pd.api.types.is_float_dtype(b):
+            np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=1e-6, err_msg=c)
+        else:
+            assert a.astype(str).tolist() == b.astype(str).tolist(), c
+    assert set(got.obsm) == set(expected.obsm)
+    np.testing.assert_allclose(got.obsm["X_scimilarity"], expected.obsm["X_scimilarity"], atol=1e-6)
+    np.testing.assert_allclose(got.obsm["scimilarity_lora_knn_distances"],
+                               expected.obsm["scimilarity_lora_knn_distances"], atol=1e-6)
+    assert (got.obsm["scimilarity_lora_knn_neighbors"].to_numpy() ==
+            expected.obsm["scimilarity_lora_knn_neighbors"].to_numpy()).all()
+    uns, want = got.uns["scimilarity_lora"], expected.uns["scimilarity_lora"]
+    assert summary["status_counts"] == want["status_counts"] == {k: int(v) for k, v in uns["status_counts"].items()}
+    assert uns["reference"]["status_counts"] == want["reference"]["status_counts"]
+    assert (got.X != setting["cells"].X).nnz == 0 and (got.obs["donor_id"] == setting["cells"].obs["donor_id"]).all()
+
+
+def test_a_bad_chunk_leaves_no_output(setting, tmp_path):
+    """NaN in the last chunk: a clear error, and nothing at the output path (no half-annotated file)."""
+    import anndata as ad
+
+    from scimilarity_lora.inference.annotate_file import annotate_file
+    from scimilarity_lora.preprocess import InvalidExpressionError
+
+    cells = setting["cells"].copy()
+    X = cells.X.tocsr()
+    X.data[X.indptr[-2]] = np.nan  # the last cell
+    cells.X = X
+    src, out = tmp_path / "bad.h5ad", tmp_path / "out.h5ad"
+    cells.write_h5ad(src)
+    last = cells.n_obs - 1
+    with pytest.raises(InvalidExpressionError, match=f"bad.h5ad, cells 600 to {last}: .* 1 NaN"):
+        annotate_file(src, out, setting["model"], chunk_cells=200)
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]

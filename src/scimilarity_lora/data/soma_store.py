@@ -14,7 +14,10 @@ uses (only the URI differs), for offline users, mirrors, tests and benchmarks::
 
 CLI (a PBMC store from the bundled real data, resampled to any size)::
 
-    python -m scimilarity_lora.data.soma_store outputs/pbmc_soma --n-cells 100000
+    python -m scimilarity_lora.data.soma_store outputs/pbmc_soma --n-cells 100000 [--h5ad outputs/pbmc_100k.h5ad]
+
+``--h5ad`` also writes the same cells as an ``.h5ad`` (CSR counts, gene symbols as var names), so a benchmark can
+read one set of cells from either.
 """
 
 from __future__ import annotations
@@ -164,9 +167,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-cells", type=int, default=None, help="resample the 700 bundled PBMCs to this many")
     parser.add_argument("--n-donors", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--h5ad", default=None, help="also write the same cells to this .h5ad")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    write_census_store(pbmc_counts(args.n_cells, args.n_donors, args.seed), args.out)
+    cells = pbmc_counts(args.n_cells, args.n_donors, args.seed)
+    if args.h5ad:
+        Path(args.h5ad).parent.mkdir(parents=True, exist_ok=True)
+        cells.write_h5ad(args.h5ad)
+        log.info("wrote %d cells x %d genes to %s", cells.n_obs, cells.n_vars, args.h5ad)
+    write_census_store(cells, args.out)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python -m scimilarity_lora.inference.annotate outputs/runs/<date>/<time>/model cells.h5ad annotated.h5ad --layer counts
 
 Cells are processed in batches of rows (aligned, normalised and embedded per batch), so a million-cell sparse
-file is never densified as a whole. Writes ``obs["scimilarity_lora_label"]`` (a class, a coarser Cell Ontology
+file is never densified as a whole; the CLI also reads and writes files in row chunks
+(:mod:`.annotate_file`), so it is never loaded whole either. Writes ``obs["scimilarity_lora_label"]`` (a class, a coarser Cell Ontology
 term, or "unknown"), ``..._ontology_term_id``, ``..._best_guess``, ``..._confidence`` (calibrated), ``..._status``
 (ok | coarse | low_confidence | novel | no_expression), ``..._top{k}`` (``"label:prob; ..."``),
 ``obsm['X_scimilarity']`` and ``uns['scimilarity_lora']``. With ``--majority-voting``, also
@@ -22,7 +23,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scimilarity_lora.data.io import DataError, expression_matrix, gene_names, read_anndata, validate_matrix
+from scimilarity_lora.data.io import BUNDLED, DataError, expression_matrix, gene_names, read_anndata, validate_matrix
 from scimilarity_lora.inference.calibration import STATUSES, UNKNOWN
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.user_errors import one_line_errors
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gene-ids-key", default=None)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--chunk-cells", type=int, default=65_536,
+                   help="cells read from the file at a time (memory: one chunk, the model and the cell table)")
     p.add_argument("--force-labels", action="store_true", help="label every cell, never 'unknown'")
     p.add_argument("--no-coarse", action="store_true",
                    help="never answer a coarser Cell Ontology term for a hesitant cell ('unknown' instead)")
@@ -158,19 +161,34 @@ def main(argv: list[str] | None = None) -> None:
     model = Path(args.model)
     if (model / "model").is_dir():
         model = model / "model"
-    adata = read_anndata(args.input)
-    annotate(adata, model, layer=args.layer, input_is_log1p=args.log1p, gene_symbols_key=args.gene_symbols_key,
-             gene_ids_key=args.gene_ids_key, batch_size=args.batch_size, top_k=args.top_k,
-             force_label=args.force_labels, coarse=not args.no_coarse,
-             majority_voting=args.majority_voting or args.over_clustering is not None,
-             over_clustering=args.over_clustering, reference=args.reference, k=args.k)
-    adata.write_h5ad(args.output)
-    counts = adata.obs["scimilarity_lora_label"].value_counts()
-    log.info("annotated %d cells -> %s\n%s", adata.n_obs, args.output, counts.to_string())
+    options = dict(layer=args.layer, input_is_log1p=args.log1p, gene_symbols_key=args.gene_symbols_key,
+                   gene_ids_key=args.gene_ids_key, batch_size=args.batch_size, top_k=args.top_k,
+                   force_label=args.force_labels, coarse=not args.no_coarse,
+                   majority_voting=args.majority_voting or args.over_clustering is not None,
+                   over_clustering=args.over_clustering, reference=args.reference, k=args.k)
+    if args.input in BUNDLED:  # a bundled dataset lives in memory already
+        adata = annotate(read_anndata(args.input), model, **options)
+        adata.write_h5ad(args.output)
+        obs = adata.obs
+    else:  # a file: read and written in row chunks (a million-cell file is never loaded whole)
+        from scimilarity_lora.inference.annotate_file import annotate_file
+
+        annotate_file(args.input, args.output, model, chunk_cells=args.chunk_cells, **options)
+        obs = read_obs(args.output)
+    log.info("annotated %d cells -> %s\n%s", len(obs), args.output,
+             obs["scimilarity_lora_label"].value_counts().to_string())
     if args.reference:
         log.info("kNN labels from %s:\n%s", args.reference,
-                 adata.obs["scimilarity_lora_knn_label"].value_counts().to_string())
+                 obs["scimilarity_lora_knn_label"].value_counts().to_string())
 
+
+def read_obs(path: str | Path) -> pd.DataFrame:
+    """Only the cell table of an .h5ad (its matrix stays on disk)."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        return read_elem(f["obs"])
 
 if __name__ == "__main__":
     main()
