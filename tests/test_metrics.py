@@ -86,3 +86,19 @@ def test_coverage_accuracy_and_threshold():
     assert rows[0] == {"threshold": 0.0, "coverage": 1.0, "accuracy": 0.75}
     assert rows[1] == {"threshold": 0.7, "coverage": 0.5, "accuracy": 1.0}
     assert choose_threshold(probs, y, 1.0) == pytest.approx(0.61)
+
+
+def test_knn_labels_in_blocks_equal_the_whole_similarity_matrix(monkeypatch):
+    """Blocks of 7 rows (uneven against 200 cells) give the votes of the full cells x cells matrix."""
+    from scimilarity_lora.evaluation import metrics
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(200, 16)).astype(np.float32)
+    y = rng.integers(0, 4, 200)
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    np.fill_diagonal(sim, -np.inf)
+    nn = np.argsort(-sim, axis=1)[:, :5]
+    expected = np.array([np.bincount(y[row], minlength=4).argmax() for row in nn])
+    monkeypatch.setattr(metrics, "KNN_BLOCK_ENTRIES", 7 * 200)
+    np.testing.assert_array_equal(metrics.knn_labels(z, y, k=5), expected)

@@ -288,3 +288,24 @@ def test_a_bad_chunk_leaves_no_output(setting, tmp_path):
     with pytest.raises(InvalidExpressionError, match=f"bad.h5ad, cells 600 to {last}: .* 1 NaN"):
         annotate_file(src, out, setting["model"], chunk_cells=200)
     assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_annotating_the_cells_of_a_soma_store(setting, tmp_path):
+    """A Census-shaped store's slice, read in chunks through open_soma(uri=...): the same answers as the same
+    cells in memory; the output holds the slice's obs and the store's genes, no matrix."""
+    import anndata as ad
+
+    from scimilarity_lora.inference.annotate_file import annotate_file
+
+    store = write_census_store(setting["cells"], tmp_path / "soma")
+    out = tmp_path / "annotated.h5ad"
+    annotate_file(store, out, setting["model"], chunk_cells=150, obs_filter="donor_id != 'donor_0'")
+    got = ad.read_h5ad(out)
+    cells = setting["cells"]
+    chosen = cells[cells.obs["donor_id"] != "donor_0"].copy()
+    expected = annotate(chosen.copy(), setting["model"], progress=False)
+    assert got.n_obs == chosen.n_obs > 0 and got.X is None and got.n_vars == cells.n_vars
+    assert got.obs_names.tolist() == chosen.obs_names.tolist()
+    assert got.obs["scimilarity_lora_label"].astype(str).tolist() == \
+        expected.obs["scimilarity_lora_label"].astype(str).tolist()
+    np.testing.assert_allclose(got.obsm["X_scimilarity"], expected.obsm["X_scimilarity"], atol=1e-5)

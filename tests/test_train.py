@@ -39,6 +39,8 @@ def test_run_dir_contents(trained_run, pbmc):
     assert set(metrics["test/per_class_f1"]) == set(pbmc.obs["bulk_labels"].unique())
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert metrics["cells_per_second"] > 0 and metrics["train_seconds"] > 0
+    # the loop's rate includes waiting for data, so it can only be slower than the steps' own
+    assert 0 < metrics["stream_cells_per_second"] <= metrics["cells_per_second"]
     # measured from process start (imports included), so at least the time this test session has been running
     assert 0 < metrics["seconds_to_first_batch"] and metrics["global_step"] == 4 * 4
     assert metrics["gene_overlap"]["n_overlap"] == 765

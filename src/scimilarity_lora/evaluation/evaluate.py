@@ -52,6 +52,17 @@ class EvaluationError(ValueError):
     pass
 
 
+#: the forgetting metrics' kNN votes and the UMAP plot use a uniform sample of the test cells beyond these sizes
+#: (their cost grows with the square of the cells, or like UMAP's); every other metric uses every test cell
+MAX_FORGETTING_CELLS = 20_000
+MAX_PLOT_CELLS = 10_000
+
+
+def _sample(n: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted positions of a uniform sample of at most ``limit`` of ``n`` rows (all of them when ``n <= limit``)."""
+    return np.arange(n) if n <= limit else np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
 @dataclass
 class SplitOutputs:
     """One split run through the adapted model and the base, batch by batch."""
@@ -168,7 +179,8 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
     report["model"] = model_report
     report["top_confusions"] = top_confusions(np.array(model_report["confusion_matrix"]), classes)
     # forgetting: base vs adapted embeddings on held-out reference cells (the adapter never trained on them)
-    report["forgetting"] = forgetting(test.z_base, test.z, test.y, k=knn_k)
+    some = _sample(len(test.y), MAX_FORGETTING_CELLS, int(cfg.seed))
+    report["forgetting"] = forgetting(test.z_base[some], test.z[some], test.y[some], k=knn_k)
 
     # calibration: temperature fitted on validation, judged on test; an 'unknown' threshold chosen on validation
     temperature = fit_temperature(val.logits, val.y)
@@ -205,8 +217,9 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(render_markdown(report, train_metrics))
     plot_confusion_matrix(model_report["confusion_matrix"], classes, out / "confusion_matrix.png")
-    plot_embeddings(test.z_base, test.z, test.y, test.logits.argmax(1), classes, out / "embeddings.png",
-                    seed=int(cfg.seed))
+    shown = _sample(len(test.y), MAX_PLOT_CELLS, int(cfg.seed))
+    plot_embeddings(test.z_base[shown], test.z[shown], test.y[shown], test.logits.argmax(1)[shown], classes,
+                    out / "embeddings.png", seed=int(cfg.seed))
     if wandb_project:
         log_to_wandb(report, run_dir, out, wandb_project, group=train_metrics.get("wandb_group"))
     log.info("evaluation written to %s", out)

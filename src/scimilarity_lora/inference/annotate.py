@@ -136,7 +136,7 @@ def annotate(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Annotate an .h5ad with a trained scimilarity-lora model.")
     p.add_argument("model", help="a model directory (a run's model/) or a run directory")
-    p.add_argument("input", help=".h5ad to annotate")
+    p.add_argument("input", help=".h5ad to annotate, or a Census-shaped SOMA store directory (see --obs-filter)")
     p.add_argument("output", help=".h5ad to write")
     p.add_argument("--layer", default=None, help="X (default), raw, or a layer name")
     p.add_argument("--log1p", action="store_true", help="the matrix is log1p(normalize_total), not raw counts")
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gene-ids-key", default=None)
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--obs-filter", default=None,
+                   help="for a SOMA store: which cells, e.g. \"tissue_general == 'blood'\" (default: all)")
     p.add_argument("--chunk-cells", type=int, default=65_536,
                    help="cells read from the file at a time (memory: one chunk, the model and the cell table)")
     p.add_argument("--force-labels", action="store_true", help="label every cell, never 'unknown'")
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
                    force_label=args.force_labels, coarse=not args.no_coarse,
                    majority_voting=args.majority_voting or args.over_clustering is not None,
                    over_clustering=args.over_clustering, reference=args.reference, k=args.k)
+    if args.obs_filter and not Path(args.input).is_dir():
+        raise DataError("--obs-filter selects cells of a SOMA store; for an .h5ad, subset the file first")
     if args.input in BUNDLED:  # a bundled dataset lives in memory already
         adata = annotate(read_anndata(args.input), model, **options)
         adata.write_h5ad(args.output)
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     else:  # a file: read and written in row chunks (a million-cell file is never loaded whole)
         from scimilarity_lora.inference.annotate_file import annotate_file
 
-        annotate_file(args.input, args.output, model, chunk_cells=args.chunk_cells, **options)
+        annotate_file(args.input, args.output, model, chunk_cells=args.chunk_cells, obs_filter=args.obs_filter,
+                      **options)
         obs = read_obs(args.output)
     log.info("annotated %d cells -> %s\n%s", len(obs), args.output,
              obs["scimilarity_lora_label"].value_counts().to_string())

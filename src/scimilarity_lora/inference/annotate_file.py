@@ -1,4 +1,4 @@
-"""Annotate an ``.h5ad`` on disk in row chunks: a million-cell file is never loaded whole.
+"""Annotate an ``.h5ad`` on disk (or a SOMA store's cells) in row chunks: a million-cell file is never loaded whole.
 
 ``annotate`` (AnnData in, AnnData out) needs the matrix in memory; a 1M-cell file of PBMC counts is about 2 GB
 of CSR, and an AnnData of it twice that once copied. Here the matrix is read from HDF5 a chunk of rows at a time
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from scimilarity_lora.data.io import DataError
-from scimilarity_lora.data.row_source import open_h5ad_rows
+from scimilarity_lora.data.row_source import open_h5ad_rows, open_soma_rows
 from scimilarity_lora.inference.annotate import annotate
 from scimilarity_lora.inference.calibration import STATUSES
 from scimilarity_lora.inference.predictor import CellTypePredictor
@@ -37,15 +37,22 @@ CHUNK_CELLS = 65_536
 def annotate_file(input_path: str | Path, output_path: str | Path, model: str | Path | CellTypePredictor, *,
                   layer: str | None = None, gene_symbols_key: str | None = None, chunk_cells: int = CHUNK_CELLS,
                   progress: bool = False, majority_voting: bool = False, over_clustering: str | None = None,
-                  seed: int = 0, key_added: str = "scimilarity_lora", **options: Any) -> dict[str, Any]:
+                  seed: int = 0, key_added: str = "scimilarity_lora", obs_filter: str | None = None,
+                  **options: Any) -> dict[str, Any]:
     """Write ``output_path``: the input file with the columns :func:`.annotate.annotate` adds (same keyword
-    options), computed ``chunk_cells`` rows at a time. Returns the ``uns[key_added]`` summary."""
+    options), computed ``chunk_cells`` rows at a time. Returns the ``uns[key_added]`` summary.
+
+    ``input_path`` may also be a Census-shaped SOMA store (a directory; ``obs_filter`` selects the cells, as for
+    the reference index): the output then holds those cells' obs, the store's genes as var and the results, with
+    no matrix (the counts stay in the store)."""
     predictor = model if isinstance(model, CellTypePredictor) else CellTypePredictor.load(model)
     if options.get("reference") is not None:  # opened (and checked) once, before any cell is embedded
         from scimilarity_lora.inference.reference.query import open_reference
 
         options["reference"] = open_reference(options["reference"])
-    source = open_h5ad_rows(Path(input_path), layer=layer, gene_symbols_key=gene_symbols_key)
+    store = Path(input_path).is_dir()
+    source = (open_soma_rows(str(input_path), obs_filter=obs_filter) if store else
+              open_h5ad_rows(Path(input_path), layer=layer, gene_symbols_key=gene_symbols_key))
     output_path = Path(output_path)
     tmp = output_path.with_name(f".{output_path.name}.partial")
     try:
@@ -53,8 +60,16 @@ def annotate_file(input_path: str | Path, output_path: str | Path, model: str | 
             if over_clustering is not None and over_clustering not in source.obs.columns:
                 raise DataError(f"over-clustering column {over_clustering!r} not in obs; columns: "
                                 f"{list(source.obs.columns)}")
-            shutil.copyfile(input_path, tmp)
-            summary = _annotate_chunks(source, tmp, predictor, chunk_cells, progress, key_added, options)
+            if store:  # the counts stay in the store: the output holds the cells, the genes and the results
+                ad.AnnData(obs=source.obs, var=pd.DataFrame(index=pd.Index(source.genes, dtype=str))).write_h5ad(tmp)
+            else:
+                shutil.copyfile(input_path, tmp)
+            if options.get("gene_ids_key"):  # the chunks' var carries the ids under a fixed name
+                ids = source.gene_ids if store else _var_column(Path(input_path), layer, options["gene_ids_key"])
+                options = {**options, "gene_ids_key": "gene_ids"}
+            else:
+                ids = None
+            summary = _annotate_chunks(source, tmp, predictor, chunk_cells, progress, key_added, options, ids)
         if majority_voting:
             _majority_voting(tmp, over_clustering, key_added, seed)
         os.replace(tmp, output_path)
@@ -63,12 +78,25 @@ def annotate_file(input_path: str | Path, output_path: str | Path, model: str | 
     return summary
 
 
+def _var_column(path: Path, layer: str | None, key: str) -> list[str]:
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        var = read_elem(f["raw/var"] if layer == "raw" else f["var"])
+    if key not in var.columns:
+        raise DataError(f"gene id column {key!r} not in var; columns: {list(var.columns)}")
+    return var[key].astype(str).tolist()
+
+
 def _annotate_chunks(source, out: Path, predictor: CellTypePredictor, chunk_cells: int, progress: bool,
-                     key_added: str, options: dict[str, Any]) -> dict[str, Any]:
+                     key_added: str, options: dict[str, Any], gene_ids: list[str] | None) -> dict[str, Any]:
     import h5py
     from anndata.io import write_elem
 
     var = pd.DataFrame(index=pd.Index(source.genes, dtype=str))
+    if gene_ids is not None:
+        var["gene_ids"] = gene_ids
     new_obs: list[pd.DataFrame] = []
     uns: dict[str, Any] | None = None
     chunks = source.chunks(chunk_cells)

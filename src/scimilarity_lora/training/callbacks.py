@@ -13,35 +13,48 @@ import torch
 
 
 class TrainingSpeed(L.Callback):
-    """Cells per second of training steps (forward + backward + optimizer; data loading excluded), and the time
-    from process start (imports included) to the first training batch."""
+    """Cells per second of training steps (forward + backward + optimizer; data loading excluded), the same
+    including the data loading between steps (``stream_cells_per_second``: from the first batch's start to the
+    last one's end, validation excluded), and the time from process start (imports included) to the first batch."""
 
     def __init__(self) -> None:
         self.cells = 0
         self.step_seconds = 0.0
+        self.loop_seconds = 0.0
         self._t0 = 0.0
+        self._last_end: float | None = None
         self.seconds_to_first_batch: float | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._t0 = time.perf_counter()
+        now = time.perf_counter()
+        if self._last_end is not None and batch_idx > 0:  # the wait for this batch (not across epochs/validation)
+            self.loop_seconds += now - self._last_end
+        self._t0 = now
         if self.seconds_to_first_batch is None:
             import psutil
 
             self.seconds_to_first_batch = round(time.time() - psutil.Process().create_time(), 2)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.step_seconds += time.perf_counter() - self._t0
+        self._last_end = time.perf_counter()
+        self.step_seconds += self._last_end - self._t0
+        self.loop_seconds += self._last_end - self._t0
         self.cells += int(len(batch[1]))
 
     @property
     def cells_per_second(self) -> float:
         return self.cells / self.step_seconds if self.step_seconds else 0.0
 
+    @property
+    def stream_cells_per_second(self) -> float:
+        return self.cells / self.loop_seconds if self.loop_seconds else 0.0
+
     def state_dict(self) -> dict[str, Any]:
-        return {"cells": self.cells, "step_seconds": self.step_seconds}
+        return {"cells": self.cells, "step_seconds": self.step_seconds, "loop_seconds": self.loop_seconds}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.cells, self.step_seconds = int(state_dict["cells"]), float(state_dict["step_seconds"])
+        self.loop_seconds = float(state_dict.get("loop_seconds", self.step_seconds))
 
 
 class MetricsHistory(L.Callback):

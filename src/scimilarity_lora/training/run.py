@@ -259,6 +259,7 @@ def _collect_metrics(trainer, model, datamodule, checkpoint, params, train_secon
     metrics.update(params)
     metrics["train_seconds"] = round(train_seconds, 3)
     metrics["cells_per_second"] = round(speed.cells_per_second, 1)
+    metrics["stream_cells_per_second"] = round(speed.stream_cells_per_second, 1)
     metrics["seconds_to_first_batch"] = speed.seconds_to_first_batch
     metrics["finetune"] = model.finetune.to_dict()
     metrics["base_model"] = identity
