@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench bench-smoke clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# every benchmark at its documented size (hours; results in benchmarks/results/), or at tiny sizes (minutes; checks
+# each writes the JSON keys the docs read; also part of `make test`)
+bench: $(STAMP)
+	$(PY) benchmarks/suite.py
+
+bench-smoke: $(STAMP)
+	$(PY) -m pytest -m bench_smoke tests/test_benchmarks.py
 
 clean:
 	rm -rf outputs .pytest_cache

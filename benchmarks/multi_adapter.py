@@ -91,6 +91,8 @@ def timed(fn, repeats: int) -> list[float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--child", nargs=2, default=None)
+    p.add_argument("--counts", type=int, nargs="+", default=[1, 10, 50], help="adapters per process, for the RSS rows")
+    p.add_argument("--repeats", type=int, default=200, help="single-cell requests per p50")
     p.add_argument("--out", default="benchmarks/results/multi_adapter.json")
     args = p.parse_args()
     if args.child:
@@ -101,7 +103,7 @@ def main() -> None:
     torch.set_num_threads(2)
     merged_rss = rss("merged", 1)
     memory = {n: {"one_service_mb": round(rss("multi", n), 1), "merged_services_mb": round(merged_rss * n, 1)}
-              for n in (1, 10, 50)}
+              for n in args.counts}
 
     multi10, multi1, merged = build(10), build(1), merged_model()
     g = torch.Generator().manual_seed(1)
@@ -111,8 +113,8 @@ def main() -> None:
         t_mixed = timed(lambda: multi10(x, names), 10)
         t_merged = timed(lambda: merged(x), 10)
         one = x[:1]
-        p50_10 = statistics.median(timed(lambda: multi10(one, ["a3"]), 200))
-        p50_1 = statistics.median(timed(lambda: multi1(one, ["a0"]), 200))
+        p50_10 = statistics.median(timed(lambda: multi10(one, ["a3"]), args.repeats))
+        p50_1 = statistics.median(timed(lambda: multi1(one, ["a0"]), args.repeats))
     mixed_cps, merged_cps = 256 / statistics.median(t_mixed), 256 / statistics.median(t_merged)
     result = {
         "base": f"SCimilarity architecture, {N_GENES} genes", "adapter": f"LoRA r={R} on all 4 Linears, {N_CLASSES} classes",

@@ -76,7 +76,15 @@ def timed_posts(url: str, bodies: list[tuple[str, dict]], threads: int) -> float
 
 
 def main() -> None:
-    out = "benchmarks/results/serve_adapters.json"
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--counts", type=int, nargs="+", default=[1, 10, 50],
+                   help="adapters per server for the RSS rows (1 and 10 also give the latency and mixing rows)")
+    p.add_argument("--repeats", type=int, default=200, help="single-cell requests per p50")
+    p.add_argument("--out", default="benchmarks/results/serve_adapters.json")
+    args = p.parse_args()
+    out, counts = args.out, sorted(set(args.counts) | {1, 10})
     singles, _ = pbmc_request_bodies(32)
     cells = [json.loads(b)["expression"] for b in singles[:320]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +94,7 @@ def main() -> None:
         subprocess.run([sys.executable, "train.py", "model=scimilarity_full", "trainer.max_epochs=1",
                         "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp / 'run'}"], cwd=REPO, env=env,
                        check=True, capture_output=True)
-        base = make_adapters(tmp / "bentoml", tmp / "run", 50)
+        base = make_adapters(tmp / "bentoml", tmp / "run", max(counts))
         merged = subprocess.run([sys.executable, "-m", "scimilarity_lora.serving.export", str(tmp / "run"), "--name",
                                  "merged"], cwd=REPO, env=env, check=True, capture_output=True, text=True
                                 ).stdout.strip().splitlines()[-1]
@@ -102,7 +110,7 @@ def main() -> None:
         stop(proc)
 
         rss, p50 = {}, {}
-        for n in (1, 10, 50):
+        for n in counts:
             names = ",".join(f"a{k}" for k in range(n))
             proc = serve({**env, "SCIMILARITY_LORA_MODEL": base, "SCIMILARITY_LORA_ADAPTERS": names}, port,
                          tmp / f"a{n}.log")
@@ -110,11 +118,11 @@ def main() -> None:
             if n in (1, 10):
                 body = {"expression": cells[0], "model": f"a{n - 1}"}
                 times = []
-                for _ in range(200):
+                for _ in range(args.repeats):
                     t = time.perf_counter()
                     assert requests.post(f"{url}/predict", json=body, timeout=30).status_code == 200
                     times.append(time.perf_counter() - t)
-                p50[n] = statistics.median(times[20:]) * 1e3
+                p50[n] = statistics.median(times[len(times) // 10:]) * 1e3
             if n == 10:
                 mixed = [(route, {**b, "model": f"a{i}"}) for i, (route, b) in enumerate(batch)]
                 mixed_s = statistics.median(timed_posts(url, mixed, 10) for _ in range(5))

@@ -91,6 +91,10 @@ def main() -> None:
     args = p.parse_args()
     repo = Path(args.repo).resolve()
     write_result({"benchmark": "startup", "repo": str(repo),
+                  # the floors: what the predictor imports that is not this project's (same fresh-process method)
+                  "import_torch": {"module": "torch", **import_seconds(repo, "torch", args.repeats)},
+                  "import_torch_scipy_sparse": {"module": "torch, scipy.sparse",
+                                                **import_seconds(repo, "torch, scipy.sparse", args.repeats)},
                   "import_predictor": {"module": args.predictor, **import_seconds(repo, args.predictor, args.repeats)},
                   "import_service": {"module": args.service, **import_seconds(repo, args.service, args.repeats)},
                   "bentoml_serve_to_ready": serve_ready_seconds(repo, args.export, max(1, args.repeats // 2 + 1))},

@@ -33,13 +33,16 @@ def train(args: list[str]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="a full-size SCimilarity model folder")
+    p.add_argument("--ranks", default="2,4,8,16", help="the sweep's lora.r values (x 3 target sets)")
+    p.add_argument("--targets", default="all,hidden,input", help="the sweep's lora.target_modules values")
+    p.add_argument("--extra", nargs="*", default=[], help="more train.py overrides for every run (smoke sizes)")
     p.add_argument("--out", default="benchmarks/results/sweep_disk.json")
     args = p.parse_args()
     common = [f"model.pretrained_dir={Path(args.base).resolve()}", "trainer.max_epochs=1",
-              "trainer.enable_progress_bar=false"]
+              "trainer.enable_progress_bar=false", *args.extra]
     with tempfile.TemporaryDirectory() as tmp:
         sweep = Path(tmp) / "sweep"
-        train(["--multirun", *common, "lora.r=2,4,8,16", "lora.target_modules=all,hidden,input",
+        train(["--multirun", *common, f"lora.r={args.ranks}", f"lora.target_modules={args.targets}",
                f"hydra.sweep.dir={sweep}"])
         runs = sorted(d for d in sweep.iterdir() if (d / "metrics.json").is_file())
         full = Path(tmp) / "full"
@@ -51,7 +54,7 @@ def main() -> None:
             "lora_run_bytes": {"min": min(size(r) for r in runs), "max": max(size(r) for r in runs)},
             "full_finetuning_run_bytes": size(full),
         }
-        result["full_finetuning_x12_bytes"] = 12 * result["full_finetuning_run_bytes"]
+        result["full_finetuning_times_lora_runs_bytes"] = len(runs) * result["full_finetuning_run_bytes"]  # as many full runs
     write_result(result, args.out)
 
 

@@ -3,7 +3,8 @@ In one process, same batch size and threads, synthetic sparse counts at several 
 
     python benchmarks/training_speed.py
 
-1. limit: a bare loop (forward + backward + AdamW step) of the same LoRA model on pre-built dense tensors;
+1. limit: a bare loop (forward + backward + AdamW step) of the same LoRA model on pre-built dense tensors; beside
+   it the same bare loop on pre-built sparse batches, and at 5% density a torch.profiler table of its steps;
 2. ours: Lightning Trainer + AnnDataModule + preprocessing, timed from the 3rd batch to the end of fit (data
    loading and normalisation included), with input_format=dense and input_format=auto (sparse when sparse);
 3. inference: merged vs unmerged LoRA encoder + head, eval mode, torch.inference_mode.
@@ -69,6 +70,40 @@ def bare_loop(genes, X, y, batch, steps) -> float:
     return steps * batch / (time.perf_counter() - t0)
 
 
+def bare_sparse_loop(genes, X, y, batch, steps, profile: bool = False) -> tuple[float, list[dict] | None]:
+    """The same bare loop on pre-built sparse batches (the sparse first layer, no Lightning, no data loading), and
+    optionally a torch.profiler table of its steps: where a sparse step's time goes, op by op (self CPU time)."""
+    m = model(genes, int(y.max()) + 1).train()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    xs = [Preprocessing()(X[i * batch:(i + 1) * batch], output="sparse") for i in range(4)]
+    ys = [torch.as_tensor(y[i * batch:(i + 1) * batch]) for i in range(4)]
+
+    def step(i: int) -> None:
+        loss = torch.nn.functional.cross_entropy(m(xs[i % 4]), ys[i % 4])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for i in range(2):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    speed = steps * batch / (time.perf_counter() - t0)
+    if not profile:
+        return speed, None
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            step(i)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return speed, [{"op": e.key, "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 2),
+                    "share": round(e.self_cpu_time_total / total, 3), "calls_per_step": e.count / steps}
+                   for e in events[:12]]
+
+
 class Clock(L.Callback):
     def __init__(self, start_batch: int = 2):
         self.start_batch, self.t0, self.cells = start_batch, None, 0
@@ -127,12 +162,16 @@ def main() -> None:
         ad.AnnData(X=X, obs=pd.DataFrame({"cell_type": [f"type{i}" for i in y]}, index=[f"c{i}" for i in range(len(y))]),
                    var=pd.DataFrame(index=genes)).write_h5ad(h5ad)
         limit = bare_loop(genes, X, y, args.batch_size, args.steps)
+        sparse_limit, ops = bare_sparse_loop(genes, X, y, args.batch_size, args.steps, profile=density == 0.05)
         ours_dense = lightning_step(genes, h5ad, args.batch_size, args.steps, "dense")
         ours_auto = lightning_step(genes, h5ad, args.batch_size, args.steps, "auto")
         rows.append({"density": density, "bare_dense_limit_cells_per_s": round(limit, 1),
+                     "bare_sparse_loop_cells_per_s": round(sparse_limit, 1),
                      "ours_dense_cells_per_s": round(ours_dense, 1), "ours_auto_cells_per_s": round(ours_auto, 1),
+                     "ratio_bare_sparse_to_limit": round(sparse_limit / limit, 3),
                      "ratio_ours_dense_to_limit": round(ours_dense / limit, 3),
-                     "ratio_ours_auto_to_limit": round(ours_auto / limit, 3)})
+                     "ratio_ours_auto_to_limit": round(ours_auto / limit, 3),
+                     **({"sparse_step_profile": ops} if ops else {})})
         print(json.dumps(rows[-1]), file=sys.stderr)
 
     m = model(genes, 10)
