@@ -76,7 +76,36 @@ def choose(X: sp.csr_matrix, max_density: float = DEFAULT_MAX_DENSITY) -> bool:
 
 
 def _bag(weight_t: torch.Tensor, batch: SparseBatch, values: torch.Tensor) -> torch.Tensor:
+    if weight_t.requires_grad and not values.requires_grad and weight_t.shape[1] <= NARROW and torch.is_grad_enabled():
+        return _NarrowSparseMatmul.apply(weight_t, batch.indices, batch.offsets, values)
     return F.embedding_bag(batch.indices, weight_t, batch.offsets, mode="sum", per_sample_weights=values)
+
+
+#: trainable tables at most this wide (LoRA's A: genes x r) take the scatter backward below
+NARROW = 64
+
+
+class _NarrowSparseMatmul(torch.autograd.Function):
+    """``X @ W`` for CSR rows ``X`` and a trainable, narrow ``W`` (genes x r: LoRA's A), whose gradient
+    ``X.T @ grad`` is scattered with ``index_add_``. Same values as ``embedding_bag``'s backward, which sorts every
+    non-zero's gene index first: that sort was 13% of a LoRA training step at 5% density (torch.profiler,
+    ``benchmarks/training_speed.py``), more than the whole gradient it feeds."""
+
+    @staticmethod
+    def forward(ctx, weight_t: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                values: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(indices, offsets, values)
+        ctx.n_genes = weight_t.shape[0]
+        return F.embedding_bag(indices, weight_t, offsets, mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        indices, offsets, values = ctx.saved_tensors
+        counts = torch.diff(offsets, append=offsets.new_tensor([indices.numel()]))
+        rows = torch.repeat_interleave(torch.arange(len(offsets), device=offsets.device), counts)
+        grad_w = grad_out.new_zeros(ctx.n_genes, grad_out.shape[1])
+        grad_w.index_add_(0, indices, grad_out[rows] * values.unsqueeze(1))
+        return grad_w, None, None, None
 
 
 def gene_rows(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
