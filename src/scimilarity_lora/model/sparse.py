@@ -126,10 +126,56 @@ def gene_rows(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return cached[1]
 
 
+def _frozen_on_cpu(weight: torch.Tensor, values: torch.Tensor) -> bool:
+    no_grad = not (weight.requires_grad and torch.is_grad_enabled()) and not values.requires_grad
+    return no_grad and weight.device.type == "cpu" and weight.dtype == values.dtype == torch.float32
+
+
+def gene_major_product(layer: nn.Module, weight: torch.Tensor, batch: SparseBatch,
+                       values: torch.Tensor) -> torch.Tensor:
+    """``X @ weight.T`` for a frozen CPU weight, gene by gene: the batch in CSC order (SciPy), each gene's weight row
+    read once and added to every cell that expresses it. ``embedding_bag`` reads a 4 kB weight row per non-zero
+    (1.5 GB per 256-cell batch at 5% density): memory-bound, it took 22% of a LoRA step. Here the weight is read
+    once per batch, the hidden units split across torch's threads (SciPy releases the GIL); 2 to 3x faster than
+    ``embedding_bag`` on 2 cores at 5% and 10% density."""
+    n_threads = max(1, min(torch.get_num_threads(), 8))
+    version = 0 if weight.is_inference() else weight._version
+    key = (weight.data_ptr(), version, tuple(weight.shape), n_threads)
+    cached = layer.__dict__.get("_gene_major_cache")
+    if cached is None or cached[0] != key:  # genes x hidden, split by hidden unit: one contiguous piece per thread
+        table = weight.detach().t()
+        bounds = np.linspace(0, table.shape[1], n_threads + 1).astype(int)
+        cached = (key, [table[:, a:b].contiguous().numpy() for a, b in zip(bounds[:-1], bounds[1:])])
+        layer.__dict__["_gene_major_cache"] = cached
+    pieces = cached[1]
+    indptr = np.append(batch.offsets.numpy(), batch.values.numel())
+    X = sp.csr_matrix((values.detach().numpy(), batch.indices.numpy(), indptr), shape=batch.shape).tocsc()
+    if len(pieces) == 1:
+        out = X @ pieces[0]
+    else:
+        out = np.hstack(list(_pool(len(pieces)).map(lambda w: X @ w, pieces)))
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+
+
+_POOLS: dict[int, "ThreadPoolExecutor"] = {}
+
+
+def _pool(n: int) -> "ThreadPoolExecutor":
+    from concurrent.futures import ThreadPoolExecutor
+
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gene_major")
+    return _POOLS[n]
+
+
 def sparse_linear(layer: nn.Module, batch: SparseBatch, values: torch.Tensor) -> torch.Tensor:
     """``layer(dense(batch))`` without densifying; ``layer`` is an ``nn.Linear`` or a peft LoRA ``Linear``."""
     base = getattr(layer, "base_layer", layer)
-    out = _bag(gene_rows(base, base.weight), batch, values)
+    if _frozen_on_cpu(base.weight, values):
+        with torch.profiler.record_function("gene_major_product"):  # SciPy's time, named in torch.profiler tables
+            out = gene_major_product(base, base.weight, batch, values)
+    else:
+        out = _bag(gene_rows(base, base.weight), batch, values)
     if base.bias is not None:
         out = out + base.bias
     if base is layer or getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
