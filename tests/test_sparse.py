@@ -29,9 +29,23 @@ def perturbed_lora(targets, seed=0):
     return model
 
 
+@pytest.fixture(params=["embedding_bag", "gene_major"])
+def first_layer_kernel(request, monkeypatch):
+    """Both CPU kernels of the frozen first layer: embedding_bag, and the gene-major product (which a batch takes
+    once it touches more than GENE_MAJOR_MIN_GENES genes; 0 here, so these small batches take it too)."""
+    from scimilarity_lora.model import sparse
+
+    monkeypatch.setattr(sparse, "GENE_MAJOR_MIN_GENES", 0 if request.param == "gene_major" else 10**9)
+    calls = []
+    original = sparse.gene_major_product
+    monkeypatch.setattr(sparse, "gene_major_product", lambda *a: calls.append(1) or original(*a))
+    yield request.param, calls
+
+
 @pytest.mark.parametrize("targets", TARGETS, ids=["+".join(t) for t in TARGETS])
 @pytest.mark.parametrize("train_mode", [False, True], ids=["eval", "train"])
-def test_sparse_equals_dense_outputs_and_gradients(targets, train_mode):
+def test_sparse_equals_dense_outputs_and_gradients(targets, train_mode, first_layer_kernel):
+    kernel, calls = first_layer_kernel
     dense_x, sparse_x = batch()
     assert isinstance(sparse_x, SparseBatch) and torch.equal(sparse_x.to_dense(), dense_x)
     model = perturbed_lora(targets)
@@ -49,6 +63,7 @@ def test_sparse_equals_dense_outputs_and_gradients(targets, train_mode):
     torch.testing.assert_close(out_sparse, out_dense, atol=1e-5, rtol=1e-5)
     for gs, gd in zip(grads_sparse, grads_dense):
         torch.testing.assert_close(gs, gd, atol=1e-5, rtol=1e-4)
+    assert bool(calls) == (kernel == "gene_major")  # the kernel under test is the one that ran
 
 
 def test_full_finetuning_and_merged_models_take_the_sparse_path():
