@@ -9,7 +9,7 @@ noise; built once and kept in ``--workdir``), then every job as its real CLI und
 and peak RSS measured from outside the process):
 
 - ``train``: LoRA on ``model=scimilarity_full``, streaming the store (``data=census data.uri=...``) for a fixed
-  number of steps; ``cells_per_s`` is the training loop's own rate including the wait for data
+  number of steps (``--train-steps``, over as many epochs as the store's training split needs); ``cells_per_s`` is the training loop's own rate including the wait for data
   (``stream_cells_per_second`` in the run's metrics.json), ``step_cells_per_s`` the steps alone;
 - ``annotate``: the ``.h5ad`` (read and written in row chunks), and ``annotate_store``: the same cells from the store;
 - ``evaluate``: ``evaluate.py`` with both baselines, on the run trained on this size's store;
@@ -77,7 +77,7 @@ def measure_size(n: int, work: Path, args: argparse.Namespace, query: Path) -> l
     rows = []
     batch = 256
     wall, rss = timed([py, "train.py", "model=scimilarity_full", "data=census", f"data.uri={store}",
-                       f"data.batch_size={batch}", "trainer.max_epochs=1",
+                       f"data.batch_size={batch}", "trainer.max_epochs=-1", f"+trainer.max_steps={args.train_steps}",
                        f"trainer.limit_train_batches={args.train_steps}", "trainer.limit_val_batches=4",
                        "trainer.limit_test_batches=4", "trainer.enable_progress_bar=false", "logger=csv",
                        "callbacks=default", f"hydra.run.dir={run}"], size / "train.log")

@@ -102,3 +102,19 @@ def test_knn_labels_in_blocks_equal_the_whole_similarity_matrix(monkeypatch):
     expected = np.array([np.bincount(y[row], minlength=4).argmax() for row in nn])
     monkeypatch.setattr(metrics, "KNN_BLOCK_ENTRIES", 7 * 200)
     np.testing.assert_array_equal(metrics.knn_labels(z, y, k=5), expected)
+
+
+def test_the_embedding_plot_and_over_clustering_work_above_4096_cells(tmp_path):
+    """scanpy 1.11 + SciPy 1.17: its pynndescent path (the default above 4,096 cells) fails on csr_array.getnnz;
+    both of this project's neighbour graphs must work at that size, on duplicated cells as resampled data has."""
+    from scimilarity_lora.evaluation.plots import plot_embeddings
+    from scimilarity_lora.inference.majority import over_cluster
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(300, 16)).astype(np.float32)
+    z = base[rng.integers(0, 300, 5000)]
+    y = rng.integers(0, 3, 5000)
+    out = plot_embeddings(z, z, y, y, ["a", "b", "c"], tmp_path / "e.png")
+    assert out.stat().st_size > 10_000
+    clusters = over_cluster(z)
+    assert len(clusters) == 5000 and len(set(clusters)) > 1

@@ -93,7 +93,10 @@ def plot_embeddings(z_base: np.ndarray, z_adapted: np.ndarray, y: np.ndarray, pr
     for ax, (title, z) in zip(axes, (("base encoder", z_base), ("adapted encoder", z_adapted))):
         cells = ad.AnnData(np.zeros((len(z), 1), dtype=np.float32), obs=pd.DataFrame({"cell type": labels}))
         cells.obsm["X_embedding"] = np.asarray(z, dtype=np.float32)
-        sc.pp.neighbors(cells, use_rep="X_embedding", n_neighbors=max(2, min(15, len(z) - 1)), random_state=seed)
+        # sklearn's exact neighbours: scanpy 1.11 picks pynndescent above 4,096 cells, whose graph it then reads
+        # with csr_array.getnnz, which SciPy 1.17 no longer has (an AttributeError on every test split that size)
+        sc.pp.neighbors(cells, use_rep="X_embedding", n_neighbors=max(2, min(15, len(z) - 1)), random_state=seed,
+                        transformer="sklearn")
         sc.tl.umap(cells, random_state=seed)
         last = ax is axes[-1]
         sc.pl.umap(cells, color="cell type", ax=ax, show=False, title=title, size=30,

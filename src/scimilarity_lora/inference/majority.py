@@ -36,7 +36,7 @@ def over_cluster(embedding: np.ndarray, resolution: float | None = None, n_neigh
     adata = ad.AnnData(np.zeros((int(ok.sum()), 1), dtype=np.float32))
     adata.obsm["X_emb"] = np.ascontiguousarray(embedding[ok], dtype=np.float32)
     sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, int(ok.sum()) - 1), use_rep="X_emb", metric="cosine",
-                    random_state=seed)
+                    random_state=seed, transformer="sklearn")  # not pynndescent: see evaluation/plots.py
     sc.tl.leiden(adata, resolution=resolution or leiden_resolution(int(ok.sum())), flavor="igraph",
                  n_iterations=2, directed=False, random_state=seed, key_added="over_clustering")
     out[ok] = adata.obs["over_clustering"].astype(str).to_numpy()
