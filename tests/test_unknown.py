@@ -72,3 +72,43 @@ def test_training_writes_the_calibration_and_can_leave_a_class_out(tmp_path):
     predictor = CellTypePredictor.load(tmp_path / "model")
     assert predictor.calibration is not None and predictor.calibration.centroids.shape == (9, 16)
     assert predictor.temperature == metrics["unknown"]["temperature"]
+
+
+def test_calibration_centroids_come_from_a_uniform_sample_of_a_large_training_split(monkeypatch):
+    """Beyond MAX_CENTROID_CELLS training cells, only a random share of each batch is embedded for the centroids
+    (a 1M-cell store spent minutes embedding every training cell); the centroids stay close to the full means."""
+    import numpy as np
+    import torch
+
+    from scimilarity_lora.model.classifier import CellClassifier
+    from scimilarity_lora.model.encoder import EncoderConfig
+    from scimilarity_lora.training import calibrate
+
+    torch.manual_seed(0)
+    classifier = CellClassifier.build(EncoderConfig(n_genes=20, hidden_dim=[16], latent_dim=8), n_classes=2)
+    rng = np.random.default_rng(0)
+    train_x = torch.from_numpy(rng.random((4000, 20)).astype(np.float32))
+    train_y = torch.from_numpy(rng.integers(0, 2, 4000))
+    val_x, val_y = train_x[:200], train_y[:200]
+
+    class Splits:  # the two calls fit_calibration makes of a datamodule
+        def split_ids(self):
+            return {"train": np.arange(4000), "val": np.arange(200)}
+
+        def eval_dataloader(self, split):
+            x, y = (train_x, train_y) if split == "train" else (val_x, val_y)
+            return [(x[s:s + 500], y[s:s + 500]) for s in range(0, len(y), 500)]
+
+    embedded = []
+    original = classifier.embed
+    monkeypatch.setattr(classifier, "embed", lambda x: embedded.append(len(x)) or original(x))
+    monkeypatch.setattr(calibrate, "MAX_CENTROID_CELLS", 800)
+    calibration = calibrate.fit_calibration(classifier, Splits(), 2)
+    assert 500 < sum(embedded) < 1100  # about 800 of the 4,000 training cells
+    classifier.eval()
+    with torch.no_grad():
+        z = classifier.embed(train_x).numpy()
+    full = np.stack([z[train_y.numpy() == c].mean(0) for c in (0, 1)])
+    full /= np.linalg.norm(full, axis=1, keepdims=True)  # centroids are unit-norm class means
+    sampled = np.asarray(calibration.centroids)
+    assert sampled.shape == full.shape and (np.sum(sampled * full, axis=1) > 0.99).all()

@@ -44,7 +44,7 @@ from scimilarity_lora.model.encoder import Encoder
 from scimilarity_lora.evaluation.reference import reference_forgetting
 from scimilarity_lora.model.folder import DECODER_FILE, load_decoder
 from scimilarity_lora.model.probe import C_GRID
-from scimilarity_lora.model.sparse import SparseBatch
+from scimilarity_lora.model.sparse import SparseBatch, take_rows
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,6 @@ class SplitOutputs:
     genes: sp.csr_matrix | None  # the normalised gene values (for the genes + LR baseline), when asked for
 
 
-def _rows(x: "torch.Tensor | SparseBatch", keep: np.ndarray) -> "torch.Tensor | SparseBatch":
-    if isinstance(x, SparseBatch):
-        return SparseBatch.from_csr(x.to_csr()[keep])
-    return x[torch.from_numpy(keep)]
-
-
 def _as_csr(x: "torch.Tensor | SparseBatch") -> sp.csr_matrix:
     return x.to_csr() if isinstance(x, SparseBatch) else sp.csr_matrix(x.numpy())
 
@@ -101,7 +95,7 @@ def run_split(datamodule: Any, split: str, predictor: CellTypePredictor, base: E
             keep = rng.random(len(y)) < share
             if not keep.any():
                 continue
-            x, y = _rows(x, keep), y[torch.from_numpy(keep)]
+            x, y = take_rows(x, keep), y[torch.from_numpy(keep)]
         batch_logits, z = predictor.logits(x)
         ys.append(y.numpy())
         logits.append(batch_logits.numpy())

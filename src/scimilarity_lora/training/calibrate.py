@@ -1,6 +1,8 @@
 """At the end of training: fit when the model should answer "unknown" (see :mod:`~.inference.calibration`) on the
 validation split, with class centroids of the training split's embeddings. Streams the splits batch by batch (class
-sums, not stored embeddings), so it costs one pass over the training data, at Census scale too."""
+sums, not stored embeddings). Centroids need no million cells: beyond ``MAX_CENTROID_CELLS`` training cells each batch
+embeds a uniform random share of its cells (a 1M-cell store spent 3 of its 4 minutes here embedding all 750,534
+training cells), so the cost stops growing with the store."""
 
 from __future__ import annotations
 
@@ -11,6 +13,11 @@ import torch
 
 from scimilarity_lora.inference.calibration import Calibration
 from scimilarity_lora.model.classifier import CellClassifier
+from scimilarity_lora.model.sparse import take_rows
+
+
+#: training cells embedded for the class centroids, at most (a uniform sample beyond it)
+MAX_CENTROID_CELLS = 100_000
 
 
 @torch.no_grad()
@@ -21,7 +28,15 @@ def fit_calibration(classifier: CellClassifier, datamodule: Any, n_classes: int,
     classifier.eval()
     sums = np.zeros((n_classes, classifier.latent_dim), dtype=np.float64)
     counts = np.zeros(n_classes, dtype=np.int64)
+    n_train = len(datamodule.split_ids()["train"])
+    share = min(1.0, MAX_CENTROID_CELLS / max(1, n_train))
+    rng = np.random.default_rng(0)
     for x, y in datamodule.eval_dataloader("train"):
+        if share < 1.0:
+            keep = rng.random(len(y)) < share
+            if not keep.any():
+                continue
+            x, y = take_rows(x, keep), y[torch.from_numpy(keep)]
         z = classifier.embed(x).cpu().numpy().astype(np.float64)
         np.add.at(sums, y.numpy(), z)
         counts += np.bincount(y.numpy(), minlength=n_classes)
