@@ -46,6 +46,24 @@ def test_report_matches_training_metrics(sweep):
         assert 0 <= c["unknown_threshold"]["test_coverage"] <= 1
 
 
+def test_baselines_on_a_uniform_sample_beyond_max_baseline_cells(sweep, tmp_path):
+    """With max_baseline_cells below a split's size, only a sample's gene values are kept, both baselines are scored
+    on the same sampled test cells (said in the report), and the model itself still on every test cell."""
+    import shutil
+
+    root, reports = sweep
+    run = tmp_path / "run"
+    shutil.copytree(root / "0", run)
+    full = reports["0"]
+    report = evaluate_run(run, max_baseline_cells=40)
+    n_test = full["n_cells"]["test"]
+    assert n_test > 60 and report["n_cells"]["test"] == n_test
+    assert report["model"]["accuracy"] == pytest.approx(full["model"]["accuracy"])
+    sampled = {b["n_test_cells"] for b in report["baselines"].values()}
+    assert len(sampled) == 1 and 15 < sampled.pop() < 70  # about 40 of the test cells, the same for both
+    assert {b["n_test_cells"] for b in full["baselines"].values()} == {n_test}
+
+
 def test_the_frozen_probe_is_as_strong_as_logistic_regression(sweep):
     """finetune=frozen on the same embeddings and split as the frozen-embedding + LR baseline: within 0.02."""
     frozen = sweep[1]["1"]

@@ -72,24 +72,33 @@ class SplitOutputs:
     z: np.ndarray
     z_base: np.ndarray
     genes: sp.csr_matrix | None  # the normalised gene values (for the genes + LR baseline), when asked for
+    gene_rows: np.ndarray | None = None  # which rows of the split ``genes`` holds (a uniform sample, or all)
 
 
 def _as_csr(x: "torch.Tensor | SparseBatch") -> sp.csr_matrix:
-    return x.to_csr() if isinstance(x, SparseBatch) else sp.csr_matrix(x.numpy())
+    X = x.to_csr() if isinstance(x, SparseBatch) else sp.csr_matrix(x.numpy())
+    if X.nnz < 2**31:  # int32 indices: half the memory of the int64 the encoder's sparse input uses
+        X.indices, X.indptr = X.indices.astype(np.int32), X.indptr.astype(np.int32)
+    return X
 
 
 @torch.inference_mode()
 def run_split(datamodule: Any, split: str, predictor: CellTypePredictor, base: Encoder, *,
-              max_cells: int | None = None, keep_genes: bool = False, seed: int = 0) -> SplitOutputs:
+              max_cells: int | None = None, keep_genes: bool = False, max_gene_cells: int | None = None,
+              seed: int = 0) -> SplitOutputs:
     """Logits and embeddings of the adapted model, and the base's embeddings, for one split.
 
     ``max_cells`` subsamples uniformly *before* anything is kept (each batch keeps a random share), so memory
-    follows the sample, not the split."""
+    follows the sample, not the split. ``max_gene_cells`` does the same for the gene values alone (the largest
+    thing kept: cells x 28,231 sparse), which the baselines use; ``gene_rows`` says which rows they are."""
     n = len(datamodule.split_ids()[split])
     share = 1.0 if not max_cells or n <= max_cells else max_cells / n
+    gene_share = 1.0 if not max_gene_cells or n * share <= max_gene_cells else max_gene_cells / (n * share)
     rng = np.random.default_rng(seed)
+    gene_rng = np.random.default_rng(seed + 1)
     base.eval()
-    ys, logits, zs, z_bases, genes = [], [], [], [], []
+    ys, logits, zs, z_bases, genes, gene_rows = [], [], [], [], [], []
+    seen = 0
     for x, y in datamodule.eval_dataloader(split):
         if share < 1.0:
             keep = rng.random(len(y)) < share
@@ -102,11 +111,15 @@ def run_split(datamodule: Any, split: str, predictor: CellTypePredictor, base: E
         zs.append(z.numpy())
         z_bases.append(base(x).numpy())
         if keep_genes:
-            genes.append(_as_csr(x))
+            rows = np.flatnonzero(gene_rng.random(len(y)) < gene_share) if gene_share < 1.0 else np.arange(len(y))
+            genes.append(_as_csr(x)[rows])
+            gene_rows.append(seen + rows)
+        seen += len(y)
     if not ys:
         raise EvaluationError(f"the {split} split yielded no cells")
     return SplitOutputs(np.concatenate(ys), np.concatenate(logits), np.concatenate(zs), np.concatenate(z_bases),
-                        sp.vstack(genes).tocsr() if keep_genes else None)
+                        sp.vstack(genes).tocsr() if keep_genes else None,
+                        np.concatenate(gene_rows) if keep_genes else None)
 
 
 def base_encoder(run_dir: Path, spec: ModelSpec) -> Encoder:
@@ -165,8 +178,8 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
         raise EvaluationError("the rebuilt data has other classes than the model was trained on")
     check_splits(run_dir, datamodule)
 
-    test = run_split(datamodule, "test", predictor, base, keep_genes=baselines)
-    val = run_split(datamodule, "val", predictor, base, keep_genes=baselines)
+    test = run_split(datamodule, "test", predictor, base, keep_genes=baselines, max_gene_cells=max_baseline_cells)
+    val = run_split(datamodule, "val", predictor, base, keep_genes=baselines, max_gene_cells=max_baseline_cells)
     report: dict[str, Any] = {"run_dir": str(run_dir), "classes": classes,
                               "n_cells": {"val": int(len(val.y)), "test": int(len(test.y))}}
     model_report = classification_report(test.y, test.logits.argmax(1), classes)
@@ -201,10 +214,15 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
         train = run_split(datamodule, "train", predictor, base, max_cells=max_baseline_cells, keep_genes=True,
                           seed=int(cfg.seed))
         report["baselines"] = {}
-        for name, features in (("frozen_embedding_lr", "z_base"), ("genes_lr", "genes")):
-            pred, C = _logistic_regression(getattr(train, features), train.y, getattr(val, features), val.y,
-                                           getattr(test, features), int(cfg.seed))
-            report["baselines"][name] = {**classification_report(test.y, pred, classes), "C": C}
+        # both baselines on the same cells: all of them, or (beyond max_baseline_cells) the sample the genes kept
+        features = {"z_base": (train.z_base[train.gene_rows], val.z_base[val.gene_rows], test.z_base[test.gene_rows]),
+                    "genes": (train.genes, val.genes, test.genes)}
+        y_train, y_val, y_test = train.y[train.gene_rows], val.y[val.gene_rows], test.y[test.gene_rows]
+        for name, kind in (("frozen_embedding_lr", "z_base"), ("genes_lr", "genes")):
+            tr, va, te = features[kind]
+            pred, C = _logistic_regression(tr, y_train, va, y_val, te, int(cfg.seed))
+            report["baselines"][name] = {**classification_report(y_test, pred, classes), "C": C,
+                                         "n_test_cells": int(len(y_test))}
     out = run_dir / "evaluation"
     out.mkdir(exist_ok=True)
     train_metrics = json.loads((run_dir / METRICS_FILE).read_text())
