@@ -155,6 +155,26 @@ def test_a_base_index_is_queried_with_the_base_embedding(setting, tmp_path):
         adapted.check_encoder(index.identity)
 
 
+def test_a_chunked_annotate_loads_the_base_encoder_once(setting, tmp_path, monkeypatch):
+    """A --base index over a file read in 150-cell chunks: the base is loaded (and its identity hashed) once, not
+    per chunk, and every cell is still its own nearest reference cell."""
+    import anndata as ad
+
+    from scimilarity_lora.inference.annotate_file import annotate_file
+    from scimilarity_lora.inference.reference import query as reference_query
+
+    base = build_index(setting["model"], str(setting["root"] / "cells.h5ad"), tmp_path / "base", label_key="cell_type",
+                       base=True, progress=False)
+    loads = []
+    original = reference_query.ReferenceEncoder.load
+    monkeypatch.setattr(reference_query.ReferenceEncoder, "load", lambda *a, **kw: loads.append(1) or original(*a, **kw))
+    out = tmp_path / "annotated.h5ad"
+    annotate_file(setting["root"] / "cells.h5ad", out, setting["model"], reference=base, k=3, chunk_cells=150)
+    got = ad.read_h5ad(out)
+    assert len(loads) == 1 and got.n_obs > 3 * 150
+    assert (got.obsm["scimilarity_lora_knn_neighbors"]["n0"] == got.obs_names).all()
+
+
 def test_the_soma_store_slice_builds_the_same_index(setting, tmp_path):
     """The same cells from a Census-shaped store (open_soma(uri=...)), in small chunks, filtered by obs."""
     store = write_census_store(setting["cells"], tmp_path / "store")
@@ -309,3 +329,18 @@ def test_annotating_the_cells_of_a_soma_store(setting, tmp_path):
     assert got.obs["scimilarity_lora_label"].astype(str).tolist() == \
         expected.obs["scimilarity_lora_label"].astype(str).tolist()
     np.testing.assert_allclose(got.obsm["X_scimilarity"], expected.obsm["X_scimilarity"], atol=1e-5)
+
+
+def test_an_h5ad_row_source_carries_the_gene_ids_column(setting):
+    """What annotate_file hands to each chunk for --gene-ids-key: the file's var column, read with the rest of var;
+    a column the file lacks is a clear error."""
+    from scimilarity_lora.data.io import DataError
+    from scimilarity_lora.data.row_source import open_h5ad_rows
+
+    path = setting["root"] / "cells.h5ad"
+    with open_h5ad_rows(path, gene_ids_key="feature_id") as source:
+        assert source.gene_ids == setting["cells"].var["feature_id"].astype(str).tolist()
+    with open_h5ad_rows(path) as source:
+        assert source.gene_ids is None
+    with pytest.raises(DataError, match="gene id column 'ensembl' not in var"):
+        open_h5ad_rows(path, gene_ids_key="ensembl")

@@ -297,3 +297,20 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
     assert sorted(json.loads((tmp_path / str(i) / "metrics.json").read_text())["finetune"]["r"] for i in (0, 1)) == [2, 4]
+
+
+def test_the_loop_rate_counts_the_wait_for_data_but_not_the_gap_across_epochs(monkeypatch):
+    """stream_cells_per_second: steps plus the waits between them within an epoch; cells_per_second: steps only.
+    A fake clock: two 1-s steps with a 2-s wait between them, then a new epoch 6 s later (validation) and a 1-s step."""
+    from scimilarity_lora.training import callbacks
+
+    clock = iter([0.0, 1.0, 3.0, 4.0, 10.0, 11.0])
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    speed = callbacks.TrainingSpeed()
+    speed.seconds_to_first_batch = 1.0  # skip the process-start probe
+    batch = (None, [0] * 100)
+    for idx in (0, 1, 0):
+        speed.on_train_batch_start(None, None, batch, idx)
+        speed.on_train_batch_end(None, None, None, batch, idx)
+    assert speed.cells_per_second == pytest.approx(300 / 3.0)
+    assert speed.stream_cells_per_second == pytest.approx(300 / 5.0)  # 3 s of steps + the 2-s wait

@@ -68,7 +68,8 @@ def open_rows(path: str, *, layer: str | None = "X", gene_symbols_key: str | Non
     return open_h5ad_rows(p, layer=layer, gene_symbols_key=gene_symbols_key)
 
 
-def open_h5ad_rows(path: Path, *, layer: str | None = "X", gene_symbols_key: str | None = None) -> RowSource:
+def open_h5ad_rows(path: Path, *, layer: str | None = "X", gene_symbols_key: str | None = None,
+                   gene_ids_key: str | None = None) -> RowSource:
     import h5py
     from anndata.io import read_elem, sparse_dataset
 
@@ -95,7 +96,11 @@ def open_h5ad_rows(path: Path, *, layer: str | None = "X", gene_symbols_key: str
         block = matrix[s:e]
         return block.tocsr() if sp.issparse(block) else np.asarray(block)
 
-    return RowSource(gene_names(var.index, var, gene_symbols_key), obs, read, str(path), closers=[f.close])
+    if gene_ids_key is not None and gene_ids_key not in var.columns:
+        f.close()
+        raise DataError(f"gene id column {gene_ids_key!r} not in var; columns: {list(var.columns)}")
+    ids = var[gene_ids_key].astype(str).tolist() if gene_ids_key else None
+    return RowSource(gene_names(var.index, var, gene_symbols_key), obs, read, str(path), ids, closers=[f.close])
 
 
 def open_soma_rows(uri: str, *, obs_filter: str | None = None, measurement: str = "RNA",

@@ -111,8 +111,13 @@ def run_split(datamodule: Any, split: str, predictor: CellTypePredictor, base: E
         zs.append(z.numpy())
         z_bases.append(base(x).numpy())
         if keep_genes:
-            rows = np.flatnonzero(gene_rng.random(len(y)) < gene_share) if gene_share < 1.0 else np.arange(len(y))
-            genes.append(_as_csr(x)[rows])
+            X = _as_csr(x)
+            if gene_share < 1.0:  # index only when sampling: a full-row index would copy every batch again
+                rows = np.flatnonzero(gene_rng.random(len(y)) < gene_share)
+                X = X[rows]
+            else:
+                rows = np.arange(len(y))
+            genes.append(X)
             gene_rows.append(seen + rows)
         seen += len(y)
     if not ys:

@@ -55,7 +55,8 @@ def annotate_file(input_path: str | Path, output_path: str | Path, model: str | 
         options["reference"] = open_reference(options["reference"])
     store = Path(input_path).is_dir()
     source = (open_soma_rows(str(input_path), obs_filter=obs_filter) if store else
-              open_h5ad_rows(Path(input_path), layer=layer, gene_symbols_key=gene_symbols_key))
+              open_h5ad_rows(Path(input_path), layer=layer, gene_symbols_key=gene_symbols_key,
+                             gene_ids_key=options.get("gene_ids_key")))
     output_path = Path(output_path)
     tmp = output_path.with_name(f".{output_path.name}.partial")
     try:
@@ -67,11 +68,9 @@ def annotate_file(input_path: str | Path, output_path: str | Path, model: str | 
                 ad.AnnData(obs=source.obs, var=pd.DataFrame(index=pd.Index(source.genes, dtype=str))).write_h5ad(tmp)
             else:
                 shutil.copyfile(input_path, tmp)
-            if options.get("gene_ids_key"):  # the chunks' var carries the ids under a fixed name
-                ids = source.gene_ids if store else _var_column(Path(input_path), layer, options["gene_ids_key"])
-                options = {**options, "gene_ids_key": "gene_ids"}
-            else:
-                ids = None
+            ids = None
+            if options.get("gene_ids_key"):  # the chunks' var carries the source's ids under a fixed name
+                ids, options = source.gene_ids, {**options, "gene_ids_key": "gene_ids"}
             chunk_cells = min(chunk_cells, SOMA_CHUNK_CELLS) if store else chunk_cells
             summary = _annotate_chunks(source, tmp, predictor, chunk_cells, progress, key_added, options, ids)
         if majority_voting:
@@ -80,17 +79,6 @@ def annotate_file(input_path: str | Path, output_path: str | Path, model: str | 
     finally:
         tmp.unlink(missing_ok=True)
     return summary
-
-
-def _var_column(path: Path, layer: str | None, key: str) -> list[str]:
-    import h5py
-    from anndata.io import read_elem
-
-    with h5py.File(path, "r") as f:
-        var = read_elem(f["raw/var"] if layer == "raw" else f["var"])
-    if key not in var.columns:
-        raise DataError(f"gene id column {key!r} not in var; columns: {list(var.columns)}")
-    return var[key].astype(str).tolist()
 
 
 def _annotate_chunks(source, out: Path, predictor: CellTypePredictor, chunk_cells: int, progress: bool,
@@ -120,9 +108,7 @@ def _annotate_chunks(source, out: Path, predictor: CellTypePredictor, chunk_cell
             new_obs.append(chunk.obs)
             for key, value in chunk.obsm.items():
                 _write_rows(obsm, key, value, rows, source.n_obs)
-            uns = uns or chunk.uns[key_added]
-            if "reference" in chunk.uns[key_added]:
-                uns["reference"] = chunk.uns[key_added]["reference"]
+            uns = uns or chunk.uns[key_added]  # per-cell counts in it are recomputed over all chunks below
         columns = pd.concat(new_obs) if new_obs else pd.DataFrame(index=source.obs.index)
         for c in columns.columns:  # per-chunk categories differ (e.g. which CL ids occur): one set for the file
             if isinstance(new_obs[0][c].dtype, pd.CategoricalDtype):

@@ -20,30 +20,42 @@ def open_reference(reference: "str | Path | ReferenceIndex") -> ReferenceIndex:
     return reference if isinstance(reference, ReferenceIndex) else ReferenceIndex(reference)
 
 
-def index_embeddings(index: ReferenceIndex, predictor: CellTypePredictor, head_embeddings: np.ndarray,
-                     X: "sp.spmatrix | np.ndarray", genes: Sequence[str], gene_ids: Sequence[str] | None,
-                     input_is_log1p: bool, min_overlap: int, batch_size: int = 4096) -> np.ndarray:
-    """Embeddings of every cell in the index's space: the head pass's own when the index was built with this model,
-    the base's (a second pass) when it was built with ``--base`` on this model's base; anything else is refused
-    naming both encoders."""
+def index_encoder(index: ReferenceIndex, predictor: CellTypePredictor) -> ReferenceEncoder | None:
+    """The encoder whose embedding the index holds, checked against the index: None for the model's own (the head
+    pass's embeddings serve), its base's ``ReferenceEncoder`` for an index built with ``--base``; anything else is
+    refused naming both encoders. Resolved once per predictor and index: the identity check hashes weights and the
+    base is loaded from disk, which a chunked annotate (one call per chunk) must not repeat."""
     if predictor.path is None:
         raise ModelFolderError("this predictor was built in memory; a reference index needs a model directory "
                                "(CellTypePredictor.load(path)) to check which encoder it was built with")
-    own = encoder_identity(predictor.path)
-    if index.identity == own:
+    memo = predictor.__dict__.setdefault("_index_encoders", {})
+    key = tuple(sorted(index.identity.items()))
+    if key not in memo:
+        own = encoder_identity(predictor.path)
+        if index.identity == own:
+            memo[key] = None
+        elif index.identity.get("kind") == "base":
+            require_same_encoder(index.identity, encoder_identity(predictor.path, base=True), str(index.path))
+            memo[key] = ReferenceEncoder.load(predictor.path, base=True, predictor=predictor)
+        else:
+            require_same_encoder(index.identity, own, str(index.path))
+    return memo[key]
+
+
+def index_embeddings(index: ReferenceIndex, predictor: CellTypePredictor, head_embeddings: np.ndarray,
+                     X: "sp.spmatrix | np.ndarray", genes: Sequence[str], gene_ids: Sequence[str] | None,
+                     input_is_log1p: bool, min_overlap: int, batch_size: int = 4096) -> np.ndarray:
+    """Embeddings of every cell in the index's space (see :func:`index_encoder`): the head pass's own, or the
+    base's from a second pass."""
+    encoder = index_encoder(index, predictor)
+    if encoder is None:
         return head_embeddings
-    if index.identity.get("kind") == "base":
-        base_identity = encoder_identity(predictor.path, base=True)
-        require_same_encoder(index.identity, base_identity, str(index.path))
-        encoder = ReferenceEncoder.load(predictor.path, base=True, predictor=predictor)
-        alignment = encoder.alignment(genes, gene_ids, min_overlap)
-        out = np.zeros((X.shape[0], encoder.dim), dtype=np.float32)
-        for s in range(0, X.shape[0], batch_size):
-            z, expressed = encoder.embed(X[s:s + batch_size], alignment, input_is_log1p)
-            out[np.arange(s, min(s + batch_size, X.shape[0]))[expressed]] = z
-        return out
-    require_same_encoder(index.identity, own, str(index.path))
-    return head_embeddings
+    alignment = encoder.alignment(genes, gene_ids, min_overlap)
+    out = np.zeros((X.shape[0], encoder.dim), dtype=np.float32)
+    for s in range(0, X.shape[0], batch_size):
+        z, expressed = encoder.embed(X[s:s + batch_size], alignment, input_is_log1p)
+        out[np.arange(s, min(s + batch_size, X.shape[0]))[expressed]] = z
+    return out
 
 
 def write_knn_columns(adata, index: ReferenceIndex, knn: KnnResult, expressed: np.ndarray, key_added: str,
