@@ -365,9 +365,18 @@ def test_hostile_values_get_a_clear_400(served, route, payload, message):
                                                "pydantic", "Traceback"))
 
 
-def test_duplicate_json_keys_are_refused(served):
-    r = post(served, "/predict", data='{"expression": {"CD3D": 1.0, "CD3D": 9.0}}')
-    assert r.status_code == 400 and "duplicate JSON key 'CD3D'" in r.text
+@pytest.mark.parametrize("route, body, key", [
+    ("/predict", '{"expression": {"CD3D": 1.0, "CD3D": 9.0}}', "CD3D"),
+    # /predict_batch checks keys in its own reader (fast_json): both of its decoders' paths
+    ("/predict_batch", '{"cells": [{"expression": {"CD3D": 1.0, "CD3D": 9.0}}]}', "CD3D"),
+    ("/predict_batch", '{"sparse": {"genes": ["CD3D"], "indptr": [0, 1], "indices": [0], "data": [1], "data": [9]}}',
+     "data"),
+    ("/predict_batch", '{"top_k": 1, "sparse": {"genes": ["CD3D"], "indptr": [0, 1], "indices": [0], "data": [1]}, '
+                       '"\\u0074op_k": 2}', "top_k"),
+])
+def test_duplicate_json_keys_are_refused(served, route, body, key):
+    r = post(served, route, data=body)
+    assert r.status_code == 400 and f"duplicate JSON key '{key}'" in r.text, r.text
 
 
 @pytest.mark.parametrize("route", ["/predict", "/embed", "/predict_batch"])

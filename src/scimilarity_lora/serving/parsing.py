@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import zipfile
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,7 +26,8 @@ def gene_error_message(e: GeneAlignmentError, n: int) -> str:
     return msg
 
 
-def sparse_matrix(sparse: SparseCells) -> tuple[sp.csr_matrix, list[str]]:
+def sparse_matrix(sparse: SparseCells | Any) -> tuple[sp.csr_matrix, list[str]]:
+    """From the pydantic block (lists) or :class:`~.fast_json.SparseArrays` (arrays): the same checks either way."""
     return csr_from_parts(sparse.genes, sparse.indptr, sparse.indices, sparse.data)
 
 

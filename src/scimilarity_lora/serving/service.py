@@ -37,10 +37,11 @@ from scimilarity_lora.serving import client_errors
 from scimilarity_lora.model.multi_adapter import AdapterError
 from scimilarity_lora.serving.adapter_set import AdapterGone, AdapterSet, adapter_tags
 from scimilarity_lora.serving.batcher import MicroBatcher
+from scimilarity_lora.serving.fast_json import BatchRequestInput, SparseArrays
 from scimilarity_lora.serving.middleware import RequestGuard, ShortErrors
 from scimilarity_lora.serving.openapi import CompleteOpenAPI
 from scimilarity_lora.serving.parsing import gene_error_message, parse_npz, sparse_matrix
-from scimilarity_lora.serving.schemas import (BatchRequest, CellRequest, EmbedRequest, SearchBatchRequest,
+from scimilarity_lora.serving.schemas import (CellRequest, EmbedRequest, SearchBatchRequest,
                                              SearchRequest, SparseCells)
 from scimilarity_lora.serving.search import References, knn_predictions
 from scimilarity_lora.serving.served_set import ServedSetFile
@@ -389,7 +390,7 @@ class SCimilarityLoRA:
             "top_k": [{"cell_type": pred.classes[int(i)], "probability": round(float(probs[i]), 6)} for i in order],
         }
 
-    def _prepare_batch(self, cells: list | None, sparse: SparseCells | None, values: str,
+    def _prepare_batch(self, cells: list | None, sparse: SparseCells | SparseArrays | None, values: str,
                        pred: CellTypePredictor | None = None) -> tuple[torch.Tensor, list[int]]:
         if cells is not None:
             parts = [self._one_cell(c.expression if hasattr(c, "expression") else c["expression"], values,
@@ -421,8 +422,8 @@ class SCimilarityLoRA:
         return {**answer[0], "genes_used": alignment.n_overlap,
                 "genes_unknown": unknown[:100], "n_genes_unknown": len(unknown), "values": values}
 
-    @bentoml.api(input_spec=BatchRequest, route="/predict_batch")
-    async def predict_batch(self, cells: list | None = None, sparse: SparseCells | None = None,
+    @bentoml.api(input_spec=BatchRequestInput, route="/predict_batch")
+    async def predict_batch(self, cells: list | None = None, sparse: SparseCells | SparseArrays | None = None,
                             values: str = "counts", top_k: int = 3, force_label: bool = False,
                             model: str | None = None, method: str = "head", k: int = 15) -> dict:
         """Predict many cells: a list of expression dicts, or one CSR-like sparse block with a shared gene list."""
