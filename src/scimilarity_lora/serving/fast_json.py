@@ -9,8 +9,8 @@ before, so an error reads the same whichever decoder saw the body first. A body 
 accepts too (tests/test_fast_json.py checks that on generated bodies); duplicate keys never reach either decoder
 (they are refused first, here more cheaply than :mod:`.middleware` does for the other routes).
 
-Both decoders run in a worker thread: a 10,000-cell body no longer holds the event loop (and ``/livez``) while it is
-parsed.
+Both decoders run in a worker thread, not on the event loop; a 10,000-cell list-form body still delays ``/livez``
+while pydantic holds the GIL over it (the numbers are in the serving guide).
 """
 
 from __future__ import annotations

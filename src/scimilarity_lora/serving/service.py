@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from scimilarity_lora.genes import GeneAlignment, GeneAlignmentError
+from scimilarity_lora.genes import GeneAlignment, GeneAlignmentError, symbol_aliases
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.preprocess import InvalidExpressionError
 from scimilarity_lora.serving import client_errors
@@ -40,7 +40,7 @@ from scimilarity_lora.serving.batcher import MicroBatcher
 from scimilarity_lora.serving.fast_json import BatchRequestInput, SparseArrays
 from scimilarity_lora.serving.middleware import RequestGuard, ShortErrors
 from scimilarity_lora.serving.openapi import CompleteOpenAPI
-from scimilarity_lora.serving.parsing import gene_error_message, parse_npz, sparse_matrix
+from scimilarity_lora.serving.parsing import cells_matrix, gene_error_message, parse_npz, sparse_matrix
 from scimilarity_lora.serving.schemas import (CellRequest, EmbedRequest, SearchBatchRequest,
                                              SearchRequest, SparseCells)
 from scimilarity_lora.serving.search import References, knn_predictions
@@ -393,12 +393,44 @@ class SCimilarityLoRA:
     def _prepare_batch(self, cells: list | None, sparse: SparseCells | SparseArrays | None, values: str,
                        pred: CellTypePredictor | None = None) -> tuple[torch.Tensor, list[int]]:
         if cells is not None:
-            parts = [self._one_cell(c.expression if hasattr(c, "expression") else c["expression"], values,
-                                    f"cell {i}: ", pred) for i, c in enumerate(cells)]
+            expressions = [c.expression if hasattr(c, "expression") else c["expression"] for c in cells]
+            together = self._cells_together(expressions, values, pred or self.predictor)
+            if together is not None:
+                return together
+            parts = [self._one_cell(e, values, f"cell {i}: ", pred) for i, e in enumerate(expressions)]
             return torch.cat([p[0] for p in parts]), [p[1].n_overlap for p in parts]
         X, genes = sparse_matrix(sparse)
         x, alignment = self.featurize(X, genes, values, pred=pred)
         return x, [alignment.n_overlap] * X.shape[0]
+
+    @staticmethod
+    def _cells_together(expressions: list[dict[str, float]], values: str,
+                        pred: CellTypePredictor) -> tuple[torch.Tensor, list[int]] | None:
+        """The list form featurised in one pass over the union of the cells' genes, or None where that could differ
+        from cell by cell (the per-cell path then answers, and names the cell of any error). Exact symbol matches do
+        not depend on the other genes of a request; an alias rescue does (it maps only when no other gene provides
+        the target), so a union with a rescued gene, or an unknown gene the alias table knows, goes cell by cell.
+        Normalisation is per row and its checks fail when any cell's would."""
+        X, genes = cells_matrix(expressions)
+        try:
+            alignment = pred.alignment(genes, min_overlap=1)
+        except GeneAlignmentError:
+            return None
+        aliases = symbol_aliases() if pred.spec.gene_aliases else {}
+        if alignment.rescued or any(g in aliases for g in alignment.unknown_genes):
+            return None
+        if (np.diff(X.indptr) == 0).any():
+            return None
+        known = np.zeros(len(genes), dtype=np.int64)
+        known[alignment.source_index] = 1
+        used = np.add.reduceat(known[X.indices], X.indptr[:-1])  # each cell's genes the model knows
+        if (used == 0).any():
+            return None
+        try:
+            x = pred.featurize(X, alignment, input_is_log1p=values == "log1p")
+        except InvalidExpressionError:
+            return None
+        return x, used.tolist()
 
     def batch_response(self, probs: np.ndarray, z: np.ndarray, top_k: int, used: list[int],
                        force_label: bool = False, pred: CellTypePredictor | None = None) -> dict:
