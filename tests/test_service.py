@@ -592,6 +592,13 @@ def test_the_list_form_is_featurised_together_exactly_as_cell_by_cell(exported):
     assert used == [e[1] for e in expected] and min(used) >= 1
     # where the per-cell path must answer: a cell the model knows nothing of, an unknown gene the alias table knows
     assert together([*cells, {"NOT_A_GENE_1": 1.0}], "counts", pred) is None
-    alias = next((a for a, t in symbol_aliases().items() if t in pred.genes and a not in pred.genes), None)
-    if pred.spec.gene_aliases and alias is not None:
-        assert together([*cells, {alias: 1.0, pred.genes[0]: 1.0}], "counts", pred) is None
+    assert pred.spec.gene_aliases
+    provided, free = set(pred.genes[:80]), set(pred.genes[80:])
+    aliases = [(a, t) for a, t in symbol_aliases().items() if a not in pred.genes]
+    blocked = next(a for a, t in aliases if t in provided)  # another cell names its model gene: not rescued here
+    assert together([*cells, {blocked: 1.0, pred.genes[0]: 1.0}], "counts", pred) is None
+    rescued = next(a for a, t in aliases if t in free)  # rescued in the union, hence in its own cell too
+    more = [*cells, {rescued: 4.0, pred.genes[0]: 1.0}]
+    x, used = together(more, "counts", pred)
+    torch.testing.assert_close(x[-1:], one_by_one(more[-1])[0])
+    assert used[-1] == one_by_one(more[-1])[1] == 2

@@ -408,16 +408,17 @@ class SCimilarityLoRA:
                         pred: CellTypePredictor) -> tuple[torch.Tensor, list[int]] | None:
         """The list form featurised in one pass over the union of the cells' genes, or None where that could differ
         from cell by cell (the per-cell path then answers, and names the cell of any error). Exact symbol matches do
-        not depend on the other genes of a request; an alias rescue does (it maps only when no other gene provides
-        the target), so a union with a rescued gene, or an unknown gene the alias table knows, goes cell by cell.
-        Normalisation is per row and its checks fail when any cell's would."""
+        not depend on the other genes of a request. An alias rescue does: it maps only when no other gene provides
+        the model gene and no other alias claims it. A rescue in the union therefore holds in every cell (a cell's
+        genes are a subset), but an alias the union leaves unmatched might have mapped in a cell of its own: such a
+        request goes cell by cell. Normalisation is per row and its checks fail when any cell's would."""
         X, genes = cells_matrix(expressions)
         try:
             alignment = pred.alignment(genes, min_overlap=1)
         except GeneAlignmentError:
             return None
         aliases = symbol_aliases() if pred.spec.gene_aliases else {}
-        if alignment.rescued or any(g in aliases for g in alignment.unknown_genes):
+        if any(aliases.get(g) in pred.gene_positions for g in alignment.unknown_genes):
             return None
         if (np.diff(X.indptr) == 0).any():
             return None
