@@ -139,3 +139,33 @@ def test_gene_names_that_look_like_keys_are_not_keys():
     body = b'{"sparse": {"genes": ["data", "data:", "k"], "indptr": [0, 2], "indices": [0, 2], "data": [1, 2]}}'
     req = read_batch_request(BatchRequestInput, body)
     assert isinstance(req.sparse, SparseArrays) and req.sparse.genes == ["data", "data:", "k"]
+
+
+@st.composite
+def list_form_bodies(draw) -> bytes:
+    """List-form bodies, now and then with a key repeated (spelled plainly or escaped) and in various spacings."""
+    genes = st.sampled_from(["CD3D", "GNLY", "MS4A1", "A", "é", "x:y"])
+    cells = draw(st.lists(st.dictionaries(genes, st.integers(0, 9), min_size=1, max_size=4), min_size=1, max_size=4))
+    sep = draw(st.sampled_from([(", ", ": "), (",", ":"), (", ", " : "), (",\n", ":\t")]))
+    body = json.dumps({"cells": [{"expression": c} for c in cells], "top_k": 1}, separators=sep,
+                      ensure_ascii=draw(st.booleans()))
+    if draw(st.booleans()):  # repeat a gene of the first cell inside it
+        gene = next(iter(cells[0]))
+        spelled = draw(st.sampled_from([json.dumps(gene), json.dumps(gene).replace("C", "\\u0043", 1)]))
+        body = body.replace('{"expression"' + sep[1] + "{", '{"expression"' + sep[1] + "{" + spelled + sep[1] + "5" +
+                            sep[0], 1)
+    return body.encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(list_form_bodies())
+def test_the_list_form_refuses_exactly_the_bodies_with_a_repeated_key(body):
+    from scimilarity_lora.serving.middleware import duplicate_key
+
+    repeated = duplicate_key(body)
+    if repeated is None:
+        req = read_batch_request(BatchRequestInput, body)
+        assert req.cells == BatchRequest.model_validate_json(body).cells
+    else:
+        with pytest.raises(InvalidArgument, match="duplicate JSON key"):
+            read_batch_request(BatchRequestInput, body)
