@@ -93,13 +93,38 @@ def test_bundled_pbmc_rescues_32_old_symbols(real_gene_order, pbmc):
 def test_an_alias_never_displaces_a_gene_the_data_has_by_name():
     model = ["ELOB", "CD3D"]
     al = align_genes(["TCEB2", "ELOB", "CD3D"], model, aliases={"TCEB2": "ELOB"})
-    assert al.rescued == () and al.unknown_genes == ("TCEB2",)
+    assert al.rescued == () and al.unknown_genes == ("TCEB2",) and al.unused_aliases == ("TCEB2",)
     assert list(al.source_index[al.target_index == 0]) == [1]
+    alone = align_genes(["TCEB2", "CD3D"], model, aliases={"TCEB2": "ELOB"})  # a subset where the alias is used
+    assert alone.rescued == (("TCEB2", "ELOB"),) and alone.unused_aliases == ()
 
 
 def test_two_data_symbols_naming_one_model_gene_are_ambiguous():
     al = align_genes(["OLD1", "OLD2", "CD3D"], ["NEW", "CD3D"], aliases={"OLD1": "NEW", "OLD2": "NEW"})
     assert al.rescued == () and set(al.unknown_genes) == {"OLD1", "OLD2"} and al.n_overlap == 1
+    assert al.unused_aliases == ("OLD1", "OLD2")
+    assert align_genes(["NOALIAS", "CD3D"], ["NEW", "CD3D"], aliases={"OLD1": "NEW"}).unused_aliases == ()
+
+
+def test_without_unused_aliases_every_subset_aligns_as_the_whole_restricted_to_it():
+    """The ground on which the service aligns a batch's union of genes once (GeneAlignment.unused_aliases)."""
+    rng = np.random.default_rng(0)
+    model = ["NEW", "CD3D", "GNLY", "MS4A1", "OTHER"]
+    aliases = {"OLD1": "NEW", "OLD2": "NEW", "OLDG": "GNLY", "GONE": "NOT_IN_MODEL"}
+    pool = ["OLD1", "OLD2", "OLDG", "GONE", "CD3D", "GNLY", "MS4A1", "X1", "X2"]
+    checked = 0
+    for _ in range(300):
+        genes = list(rng.choice(pool, size=int(rng.integers(2, len(pool))), replace=False))
+        whole = align_genes(genes, model, aliases=aliases, min_overlap=0)
+        if whole.unused_aliases:
+            continue
+        checked += 1
+        mapping = dict(zip((genes[i] for i in whole.source_index), whole.target_index.tolist()))
+        subset = [g for g in genes if rng.random() < 0.5]
+        part = align_genes(subset, model, aliases=aliases, min_overlap=0)
+        assert dict(zip((subset[i] for i in part.source_index), part.target_index.tolist())) == {
+            g: j for g, j in mapping.items() if g in subset}
+    assert checked > 50
 
 
 def test_reverse_direction_maps_a_new_name_to_the_models_old_one():

@@ -588,6 +588,13 @@ def test_the_list_form_is_featurised_together_exactly_as_cell_by_cell(exported):
 
     x, used = together(cells, "counts", pred)
     expected = [one_by_one(c) for c in cells]
+    # and the service takes that path: the per-cell one is never reached for such a batch
+    service = SCimilarityLoRA.inner.__new__(SCimilarityLoRA.inner)
+    service._single, service.adapters = pred, None
+    service._one_cell = lambda *args: pytest.fail("a union-safe list-form batch went cell by cell")
+    x_served, used_served = service._prepare_batch([{"expression": c} for c in cells], None, "counts")
+    torch.testing.assert_close(x_served, x)
+    assert used_served == used
     torch.testing.assert_close(x, torch.cat([e[0] for e in expected]))
     assert used == [e[1] for e in expected] and min(used) >= 1
     # where the per-cell path must answer: a cell the model knows nothing of, an unknown gene the alias table knows

@@ -114,6 +114,10 @@ class GeneAlignment:
     unknown_genes: tuple[str, ...]
     #: (data symbol, model symbol) pairs matched through the alias table
     rescued: tuple[tuple[str, str], ...] = field(default=())
+    #: data symbols the alias table maps to a model gene that were not used, because another data gene provides that
+    #: gene or several aliases claim it. Without them, aligning any subset of the data's genes gives this alignment
+    #: restricted to the subset (the service aligns a batch's union of genes once on that ground)
+    unused_aliases: tuple[str, ...] = field(default=())
 
     @property
     def n_overlap(self) -> int:
@@ -226,8 +230,10 @@ def align_genes(
         log.warning("%d data genes map to a model gene another data gene already provides; the first is kept "
                     "(e.g. %r and %r -> %r)", len(clashes), *clashes[0])
     rescued: list[tuple[str, str]] = []
+    unused_aliases: list[str] = []
     if aliases and unknown:
-        unknown, rescued = _rescue_by_alias(unknown, aliases, position, taken, data_genes, source, target)
+        unknown, rescued, unused_aliases = _rescue_by_alias(unknown, aliases, position, taken, data_genes, source,
+                                                            target)
     if rescued:
         order = np.argsort(source, kind="stable")
         source, target = list(np.asarray(source)[order]), list(np.asarray(target)[order])
@@ -239,6 +245,7 @@ def align_genes(
         n_source=len(data_genes),
         unknown_genes=tuple(unknown),
         rescued=tuple(rescued),
+        unused_aliases=tuple(unused_aliases),
     )
     needed = max(int(min_overlap), int(np.ceil(min_overlap_fraction * len(model_genes))))
     if alignment.n_overlap < needed:
@@ -265,12 +272,18 @@ def align_genes(
 
 def _rescue_by_alias(unknown: list[str], aliases: Mapping[str, str], position: Mapping[str, int],
                      taken: dict[int, str], data_genes: list[str], source: list[int],
-                     target: list[int]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Map unmatched data symbols through ``aliases``; a target claimed twice is ambiguous and rescues neither."""
+                     target: list[int]) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """Map unmatched data symbols through ``aliases``; a target claimed twice is ambiguous and rescues neither.
+    Returns the symbols still unknown, the rescued pairs, and the aliases of a model gene left unused."""
     claims: dict[int, list[str]] = {}
+    unused: list[str] = []
     for symbol in unknown:
         j = position.get(aliases.get(symbol, ""))
-        if j is not None and j not in taken:
+        if j is None:
+            continue
+        if j in taken:
+            unused.append(symbol)
+        else:
             claims.setdefault(j, []).append(symbol)
     index = {g: i for i, g in enumerate(data_genes)}
     rescued_symbols: set[str] = set()
@@ -281,10 +294,11 @@ def _rescue_by_alias(unknown: list[str], aliases: Mapping[str, str], position: M
                     "(e.g. %s -> %r)", len(ambiguous), ambiguous[0], aliases[ambiguous[0][0]])
     for j, symbols in claims.items():
         if len(symbols) != 1:
+            unused.extend(symbols)
             continue
         taken[j] = symbols[0]
         source.append(index[symbols[0]])
         target.append(j)
         rescued_symbols.add(symbols[0])
         rescued.append((symbols[0], aliases[symbols[0]]))
-    return [g for g in unknown if g not in rescued_symbols], sorted(rescued)
+    return [g for g in unknown if g not in rescued_symbols], sorted(rescued), sorted(unused)

@@ -83,7 +83,7 @@ KNN_BLOCK_ENTRIES = 4_000_000
 def _vote(neighbour_labels: np.ndarray, n_classes: int) -> np.ndarray:
     """Each row's most frequent label (the smallest on ties, as ``np.bincount(...).argmax()``), without a Python
     call per row."""
-    rows, k = neighbour_labels.shape
+    rows = len(neighbour_labels)
     flat = (np.arange(rows)[:, None] * n_classes + neighbour_labels).ravel()
     return np.bincount(flat, minlength=rows * n_classes).reshape(rows, n_classes).argmax(axis=1)
 

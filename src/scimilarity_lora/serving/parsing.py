@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import zipfile
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -18,6 +18,9 @@ from scimilarity_lora.genes import GeneAlignmentError
 from scimilarity_lora.serving.schemas import FLOAT32_MAX, SparseCells
 from scimilarity_lora.serving.settings import SETTINGS, max_npz_bytes
 
+if TYPE_CHECKING:
+    from scimilarity_lora.serving.fast_json import SparseArrays
+
 
 def gene_error_message(e: GeneAlignmentError, n: int) -> str:
     msg = str(e)
@@ -26,7 +29,7 @@ def gene_error_message(e: GeneAlignmentError, n: int) -> str:
     return msg
 
 
-def sparse_matrix(sparse: SparseCells | Any) -> tuple[sp.csr_matrix, list[str]]:
+def sparse_matrix(sparse: "SparseCells | SparseArrays") -> tuple[sp.csr_matrix, list[str]]:
     """From the pydantic block (lists) or :class:`~.fast_json.SparseArrays` (arrays): the same checks either way."""
     return csr_from_parts(sparse.genes, sparse.indptr, sparse.indices, sparse.data)
 

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from scimilarity_lora.genes import GeneAlignment, GeneAlignmentError, symbol_aliases
+from scimilarity_lora.genes import GeneAlignment, GeneAlignmentError
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.preprocess import InvalidExpressionError
 from scimilarity_lora.serving import client_errors
@@ -407,18 +407,15 @@ class SCimilarityLoRA:
     def _cells_together(expressions: list[dict[str, float]], values: str,
                         pred: CellTypePredictor) -> tuple[torch.Tensor, list[int]] | None:
         """The list form featurised in one pass over the union of the cells' genes, or None where that could differ
-        from cell by cell (the per-cell path then answers, and names the cell of any error). Exact symbol matches do
-        not depend on the other genes of a request. An alias rescue does: it maps only when no other gene provides
-        the model gene and no other alias claims it. A rescue in the union therefore holds in every cell (a cell's
-        genes are a subset), but an alias the union leaves unmatched might have mapped in a cell of its own: such a
-        request goes cell by cell. Normalisation is per row and its checks fail when any cell's would."""
+        from cell by cell (the per-cell path then answers, and names the cell of any error): the union's alignment
+        holds for each cell unless it left an alias unused (``GeneAlignment.unused_aliases``), which a cell of its own
+        might use. Normalisation is per row and its checks fail when any cell's would."""
         X, genes = cells_matrix(expressions)
         try:
             alignment = pred.alignment(genes, min_overlap=1)
         except GeneAlignmentError:
             return None
-        aliases = symbol_aliases() if pred.spec.gene_aliases else {}
-        if any(aliases.get(g) in pred.gene_positions for g in alignment.unknown_genes):
+        if alignment.unused_aliases:
             return None
         if (np.diff(X.indptr) == 0).any():
             return None
