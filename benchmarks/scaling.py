@@ -48,10 +48,10 @@ def timed(cmd: list[str], log: Path) -> tuple[float, float]:
     return wall, int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1)) / 1024
 
 
-def cells(work: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
-    """The store and the .h5ad of ``n`` cells (built once)."""
+def cells(work: Path, n: int, seed: int = 0, need_h5ad: bool = True) -> tuple[Path, Path]:
+    """The store and the .h5ad of ``n`` cells (built once; the .h5ad only matters to the jobs that read it)."""
     store, h5ad = work / f"soma_{n}_seed{seed}", work / f"cells_{n}_seed{seed}.h5ad"
-    if not (store.is_dir() and h5ad.is_file()):
+    if not (store.is_dir() and (h5ad.is_file() or not need_h5ad)):
         for stale in (store, h5ad):
             subprocess.run(["rm", "-rf", str(stale)], check=True)
         subprocess.run([sys.executable, "-m", "scimilarity_lora.data.soma_store", str(store), "--n-cells", str(n),
@@ -68,44 +68,55 @@ def row(job: str, n: int, wall: float, rss: float, work_cells: int | None = None
     return r
 
 
-def measure_size(n: int, work: Path, args: argparse.Namespace, query: Path) -> list[dict]:
-    store, h5ad = cells(work, n)
+def measure_size(n: int, work: Path, args: argparse.Namespace, query: Path | None) -> list[dict]:
+    jobs = set(args.jobs)
+    store, h5ad = cells(work, n, need_h5ad=bool(jobs & {"annotate", "annotate_store", "index_build", "index_query"}))
     size = work / f"n{n}"
     size.mkdir(exist_ok=True)
     run = size / "run"
     py = sys.executable
     rows = []
     batch = 256
+    if "train" in jobs:
+        rows.append(_train(py, store, run, size, batch, args))
+    annotate = [py, "-m", "scimilarity_lora.inference.annotate", str(run / "model")]
+    if "annotate" in jobs:
+        wall, rss = timed([*annotate, str(h5ad), str(size / "annotated.h5ad")], size / "annotate.log")
+        rows.append(row("annotate", n, wall, rss, input="h5ad"))
+    if "annotate_store" in jobs:
+        wall, rss = timed([*annotate, str(store), str(size / "annotated_store.h5ad")], size / "annotate_store.log")
+        rows.append(row("annotate_store", n, wall, rss, input="soma"))
+    if "evaluate" in jobs and not args.skip_evaluate:
+        wall, rss = timed([py, "evaluate.py", f"run_dir={run}"], size / "evaluate.log")
+        report = json.loads((run / "evaluation" / "report.json").read_text())
+        rows.append(row("evaluate", n, wall, rss, work_cells=sum(report["n_cells"].values()),
+                        split_cells=report["n_cells"], baselines=sorted(report.get("baselines", {}))))
+    index = size / "index"
+    if "index_build" in jobs:
+        subprocess.run(["rm", "-rf", str(index)], check=True)
+        wall, rss = timed([py, "-m", "scimilarity_lora.inference.reference", "build", str(run), str(h5ad), "--out",
+                           str(index), "--label-key", "cell_type", "--no-progress"], size / "index_build.log")
+        rows.append(row("index_build", n, wall, rss))
+    if "index_query" in jobs:
+        wall, rss = timed([*annotate, str(query), str(size / "query_annotated.h5ad"), "--reference", str(index)],
+                          size / "index_query.log")
+        rows.append(row("index_query", n, wall, rss, work_cells=args.query_cells, query_cells=args.query_cells))
+    for f in size.glob("*annotated*.h5ad"):  # up to GBs each; the logs stay
+        f.unlink()
+    return rows
+
+
+def _train(py: str, store: Path, run: Path, size: Path, batch: int, args: argparse.Namespace) -> dict:
+    n = int(size.name[1:])
     wall, rss = timed([py, "train.py", "model=scimilarity_full", "data=census", f"data.uri={store}",
                        f"data.batch_size={batch}", "trainer.max_epochs=-1", f"+trainer.max_steps={args.train_steps}",
                        f"trainer.limit_train_batches={args.train_steps}", "trainer.limit_val_batches=4",
                        "trainer.limit_test_batches=4", "trainer.enable_progress_bar=false", "logger=csv",
                        "callbacks=default", f"hydra.run.dir={run}"], size / "train.log")
     metrics = json.loads((run / "metrics.json").read_text())
-    rows.append(row("train", n, wall, rss, cells_per_s=metrics["stream_cells_per_second"],
-                    step_cells_per_s=metrics["cells_per_second"], steps=args.train_steps, batch_size=batch,
-                    seconds_to_first_batch=metrics["seconds_to_first_batch"]))
-    annotate = [py, "-m", "scimilarity_lora.inference.annotate", str(run / "model")]
-    wall, rss = timed([*annotate, str(h5ad), str(size / "annotated.h5ad")], size / "annotate.log")
-    rows.append(row("annotate", n, wall, rss, input="h5ad"))
-    wall, rss = timed([*annotate, str(store), str(size / "annotated_store.h5ad")], size / "annotate_store.log")
-    rows.append(row("annotate_store", n, wall, rss, input="soma"))
-    if not args.skip_evaluate:
-        wall, rss = timed([py, "evaluate.py", f"run_dir={run}"], size / "evaluate.log")
-        report = json.loads((run / "evaluation" / "report.json").read_text())
-        rows.append(row("evaluate", n, wall, rss, work_cells=sum(report["n_cells"].values()),
-                        split_cells=report["n_cells"], baselines=sorted(report.get("baselines", {}))))
-    index = size / "index"
-    subprocess.run(["rm", "-rf", str(index)], check=True)
-    wall, rss = timed([py, "-m", "scimilarity_lora.inference.reference", "build", str(run), str(h5ad), "--out",
-                       str(index), "--label-key", "cell_type", "--no-progress"], size / "index_build.log")
-    rows.append(row("index_build", n, wall, rss))
-    wall, rss = timed([*annotate, str(query), str(size / "query_annotated.h5ad"), "--reference", str(index)],
-                      size / "index_query.log")
-    rows.append(row("index_query", n, wall, rss, work_cells=args.query_cells, query_cells=args.query_cells))
-    for f in size.glob("*annotated*.h5ad"):  # up to GBs each; the logs stay
-        f.unlink()
-    return rows
+    return row("train", n, wall, rss, cells_per_s=metrics["stream_cells_per_second"],
+               step_cells_per_s=metrics["cells_per_second"], steps=args.train_steps, batch_size=batch,
+               seconds_to_first_batch=metrics["seconds_to_first_batch"])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -144,20 +155,34 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=100)
     p.add_argument("--query-cells", type=int, default=10_000)
     p.add_argument("--skip-evaluate", action="store_true")
+    p.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS),
+                   help="measure only these (evaluate and the index jobs use the run and index already there)")
+    p.add_argument("--update", action="store_true",
+                   help="replace only the measured (job, size) rows of --out, keeping the others and their command")
     p.add_argument("--workdir", default=str(REPO / "outputs" / "bench_scaling"))
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "scaling.json"))
     args = p.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    _, query = cells(work, args.query_cells, seed=12345)  # other cells than any reference's
+    query = cells(work, args.query_cells, seed=12345)[1] if "index_query" in args.jobs else None  # other cells
     rows = []
     for n in args.sizes:
         rows += measure_size(n, work, args, query)
     out = Path(args.out)
-    plot(rows, out.with_suffix(".png"))
-    write_result({"benchmark": "scaling", "n_genes_model": 28231, "sizes": args.sizes,
-                  "train_steps": args.train_steps, "query_cells": args.query_cells, "row_keys": list(ROW_KEYS),
-                  "rows": rows, "plot": out.with_suffix(".png").name}, out)
+    result = {"benchmark": "scaling", "n_genes_model": 28231, "sizes": args.sizes, "train_steps": args.train_steps,
+              "query_cells": args.query_cells, "row_keys": list(ROW_KEYS), "rows": rows,
+              "plot": out.with_suffix(".png").name}
+    if args.update and out.is_file():  # a partial re-run: its rows replace theirs, the others stay as measured
+        old = json.loads(out.read_text())
+        measured = {(r["job"], r["n_cells"]) for r in rows}
+        command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:])
+        for r in rows:
+            r["command"] = command
+        kept = [r for r in old["rows"] if (r["job"], r["n_cells"]) not in measured]
+        order = {job: i for i, job in enumerate(JOBS)}
+        result = {**old, "rows": sorted(kept + rows, key=lambda r: (r["n_cells"], order[r["job"]]))}
+    plot(result["rows"], out.with_suffix(".png"))
+    write_result(result, out)
 
 
 if __name__ == "__main__":

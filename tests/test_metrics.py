@@ -79,6 +79,21 @@ def test_temperature_scaling_reduces_calibration_error():
         softmax(overconfident), y)
 
 
+def test_the_fitted_temperature_is_the_nll_minimum():
+    from scimilarity_lora.inference.calibration import _nll
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 8, 5000)
+    logits = rng.normal(size=(5000, 8))
+    logits[np.arange(5000), y] += 2.0
+    for scale in (0.3, 1.0, 6.0):  # under-, roughly and over-confident
+        t = fit_temperature((logits * scale).astype(np.float32), y)
+        grid = np.exp(np.linspace(np.log(t) - 0.5, np.log(t) + 0.5, 2001))
+        best = grid[np.argmin([_nll(logits * scale, y, g) for g in grid])]
+        assert t == pytest.approx(best, rel=1e-3)
+        assert _nll(logits * scale, y, t) <= min(_nll(logits * scale, y, t * f) for f in (0.99, 1.01))
+
+
 def test_coverage_accuracy_and_threshold():
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.55, 0.45], [0.95, 0.05]])
     y = np.array([0, 1, 0, 0])

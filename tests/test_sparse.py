@@ -74,6 +74,29 @@ def test_full_finetuning_and_merged_models_take_the_sparse_path():
     torch.testing.assert_close(merged(sparse_x), merged(dense_x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_gene_major_first_layer_gives_the_same_answers_without_a_transposed_copy(first_layer_kernel):
+    """Inference models store the first weight gene-major: the same outputs on both paths, the same state dict
+    bytes, and embedding_bag reads the weight's own storage instead of a 28,231 x 1,024 copy beside it."""
+    from scimilarity_lora.model.folder import state_dict_hash
+    from scimilarity_lora.model.sparse import gene_rows
+
+    dense_x, sparse_x = batch(seed=2)
+    torch.manual_seed(0)
+    model = Encoder(500, 16, [64, 32]).eval()
+    before = (model(dense_x), model(sparse_x), state_dict_hash(model.state_dict()))
+    weight = model.network[0][1].weight
+    assert gene_rows(model.network[0][1], weight).data_ptr() != weight.data_ptr()  # stored hidden-major: a copy
+    assert model.gene_major_first_layer() is model
+    weight = model.network[0][1].weight
+    assert weight.t().is_contiguous() and not weight.is_contiguous()
+    assert gene_rows(model.network[0][1], weight).data_ptr() == weight.data_ptr()  # the weight itself
+    torch.testing.assert_close(model(dense_x), before[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model(sparse_x), before[1], atol=1e-6, rtol=1e-6)
+    assert state_dict_hash(model.state_dict()) == before[2]
+    model.gene_major_first_layer()  # idempotent: no second relayout
+    assert model.network[0][1].weight.data_ptr() == weight.data_ptr()
+
+
 def test_density_rule():
     assert choose(synthetic_counts(100, 1000, density=0.03)) and not choose(synthetic_counts(100, 1000, density=0.3))
 

@@ -75,8 +75,9 @@ def test_training_writes_the_calibration_and_can_leave_a_class_out(tmp_path):
 
 
 def test_calibration_centroids_come_from_a_uniform_sample_of_a_large_training_split(monkeypatch):
-    """Beyond MAX_CENTROID_CELLS training cells, only a random share of each batch is embedded for the centroids
-    (a 1M-cell store spent minutes embedding every training cell); the centroids stay close to the full means."""
+    """Beyond MAX_CENTROID_CELLS training cells, only a uniform sample of them is read and embedded for the
+    centroids (a 1M-cell store spent minutes embedding every training cell); the centroids stay close to the full
+    means."""
     import numpy as np
     import torch
 
@@ -95,16 +96,24 @@ def test_calibration_centroids_come_from_a_uniform_sample_of_a_large_training_sp
         def split_ids(self):
             return {"train": np.arange(4000), "val": np.arange(200)}
 
-        def eval_dataloader(self, split):
+        def eval_dataloader(self, split, rows=None):
             x, y = (train_x, train_y) if split == "train" else (val_x, val_y)
+            if rows is not None:
+                asked.append((split, rows))
+                x, y = x[rows], y[rows]
             return [(x[s:s + 500], y[s:s + 500]) for s in range(0, len(y), 500)]
+
+    asked = []
 
     embedded = []
     original = classifier.embed
     monkeypatch.setattr(classifier, "embed", lambda x: embedded.append(len(x)) or original(x))
     monkeypatch.setattr(calibrate, "MAX_CENTROID_CELLS", 800)
     calibration = calibrate.fit_calibration(classifier, Splits(), 2)
-    assert 500 < sum(embedded) < 1100  # about 800 of the 4,000 training cells
+    assert sum(embedded) == 800  # 800 of the 4,000 training cells, read as a sample: the rest never loaded
+    (split, rows), = asked
+    assert split == "train" and len(np.unique(rows)) == 800 and np.all(np.diff(rows) > 0)
+    assert rows.min() < 400 and rows.max() > 3600  # spread over the split, not its first cells
     classifier.eval()
     with torch.no_grad():
         z = classifier.embed(train_x).numpy()

@@ -13,7 +13,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from scimilarity_lora.data.base import CellDataModule
 from scimilarity_lora.data.resumable import ResumableDataLoader, ResumableSampler
@@ -186,8 +186,8 @@ class AnnDataModule(CellDataModule):
         X = self.datasets["train"].X
         return np.bincount(X.indices[X.data != 0], minlength=X.shape[1]) > 0
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.datasets[split]
+    def _loader(self, split: str, shuffle: bool, rows: np.ndarray | None = None) -> DataLoader:
+        dataset = self.datasets[split] if rows is None else Subset(self.datasets[split], rows.tolist())
         return ResumableDataLoader(
             dataset, batch_size=self.batch_size, sampler=ResumableSampler(dataset, shuffle=shuffle, seed=self.seed),
             num_workers=self.num_workers, collate_fn=collate_batch, persistent_workers=self.num_workers > 0,
@@ -205,9 +205,10 @@ class AnnDataModule(CellDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
-    def eval_dataloader(self, split: str) -> DataLoader:
-        """Any split in its stored order (no shuffle): what evaluation iterates."""
-        return self._loader(split, shuffle=False)
+    def eval_dataloader(self, split: str, rows: np.ndarray | None = None) -> DataLoader:
+        """Any split in its stored order (no shuffle): what evaluation iterates; ``rows``: only these positions of
+        the split (sorted), e.g. a sample from :func:`~.splits.uniform_sample`."""
+        return self._loader(split, shuffle=False, rows=rows)
 
 
 __all__ = ["AnnDataModule", "DataError", "InvalidExpressionError", "read_anndata"]

@@ -129,6 +129,7 @@ class CensusDataModule(CellDataModule):
         seed: int = 0,
         batch_size: int = 128,
         io_batch_size: int = 16384,
+        eval_io_batch_size: int = 4096,
         shuffle_chunk_size: int = 64,
         num_workers: int = 0,
         use_eager_fetch: bool = True,
@@ -158,7 +159,10 @@ class CensusDataModule(CellDataModule):
         self.obs_value_filter = obs_value_filter
         if dataset_id:
             self.obs_value_filter = f"({obs_value_filter}) and dataset_id == '{dataset_id}'"
+        if eval_io_batch_size < 1:
+            raise ValueError(f"data.eval_io_batch_size must be positive, got {eval_io_batch_size}")
         self.io_batch_size, self.shuffle_chunk_size = io_batch_size, shuffle_chunk_size
+        self.eval_io_batch_size = eval_io_batch_size
         self.use_eager_fetch = use_eager_fetch
         self.tiledb_config = dict(tiledb_config) if tiledb_config else None
         self.split_joinids: dict[str, np.ndarray] = {}
@@ -266,9 +270,19 @@ class CensusDataModule(CellDataModule):
         return experiment_dataloader(dataset or self.datasets[split], num_workers=self.num_workers,
                                      collate_fn=collate)
 
-    def eval_dataloader(self, split: str):
-        """Any split without shuffling: what evaluation iterates."""
-        return self._loader(split, evolve(self.datasets[split], shuffle=False))
+    def eval_dataloader(self, split: str, rows: np.ndarray | None = None):
+        """Any split without shuffling: what evaluation iterates; ``rows``: only these positions of the split (a
+        sample is read, not the whole split). Reads ``eval_io_batch_size`` cells at a time: without shuffling a
+        large read buys nothing, and each read in flight holds its Arrow tables, their CSR copies and TileDB's
+        buffers (about 0.4 GB more at 16,384 cells than at 4,096 in a million-cell evaluation)."""
+        dataset, io_batch_size = self.datasets[split], self.eval_io_batch_size
+        if rows is not None:
+            joinids = self.split_joinids[split]
+            dataset = evolve(dataset, query_ids=evolve(dataset.query_ids, obs_joinids=joinids[rows]))
+            # a read spans the tiles of every cell between its first and last: keep that span, not the count, at
+            # eval_io_batch_size (4,096 of a 7% sample spread over 57,000 cells' tiles: +0.5 GB)
+            io_batch_size = max(64, -(-io_batch_size * len(rows) // max(1, len(joinids))))
+        return self._loader(split, evolve(dataset, shuffle=False, io_batch_size=io_batch_size))
 
     def train_dataloader(self):
         return self._loader("train")

@@ -61,3 +61,11 @@ def split_cells(
         if len(part) == 0:
             raise SplitError(f"the {name} split is empty ({n} cells); use more data or other fractions")
     return splits
+
+
+def uniform_sample(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted positions of a uniform sample of at most ``limit`` of ``n`` rows (all of them when ``n <= limit`` or
+    no limit): which cells a job that needs no million cells reads, chosen before reading."""
+    if not limit or n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))

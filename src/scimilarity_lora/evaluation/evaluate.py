@@ -44,7 +44,8 @@ from scimilarity_lora.model.encoder import Encoder
 from scimilarity_lora.evaluation.reference import reference_forgetting
 from scimilarity_lora.model.folder import DECODER_FILE, load_decoder
 from scimilarity_lora.model.probe import C_GRID
-from scimilarity_lora.model.sparse import SparseBatch, take_rows
+from scimilarity_lora.data.splits import uniform_sample
+from scimilarity_lora.model.sparse import SparseBatch
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,6 @@ class EvaluationError(ValueError):
 #: (their cost grows with the square of the cells, or like UMAP's); every other metric uses every test cell
 MAX_FORGETTING_CELLS = 20_000
 MAX_PLOT_CELLS = 10_000
-
-
-def _sample(n: int, limit: int, seed: int) -> np.ndarray:
-    """Sorted positions of a uniform sample of at most ``limit`` of ``n`` rows (all of them when ``n <= limit``)."""
-    return np.arange(n) if n <= limit else np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
 @dataclass
@@ -88,23 +84,18 @@ def run_split(datamodule: Any, split: str, predictor: CellTypePredictor, base: E
               seed: int = 0) -> SplitOutputs:
     """Logits and embeddings of the adapted model, and the base's embeddings, for one split.
 
-    ``max_cells`` subsamples uniformly *before* anything is kept (each batch keeps a random share), so memory
-    follows the sample, not the split. ``max_gene_cells`` does the same for the gene values alone (the largest
-    thing kept: cells x 28,231 sparse), which the baselines use; ``gene_rows`` says which rows they are."""
+    ``max_cells``: a uniform sample of the split, chosen before reading, is all that is read (the baselines need
+    50,000 of a million-cell store's 700,000 training cells). ``max_gene_cells`` subsamples the gene values alone
+    (the largest thing kept: cells x 28,231 sparse), which the baselines use; ``gene_rows`` says which rows they
+    are."""
     n = len(datamodule.split_ids()[split])
-    share = 1.0 if not max_cells or n <= max_cells else max_cells / n
-    gene_share = 1.0 if not max_gene_cells or n * share <= max_gene_cells else max_gene_cells / (n * share)
-    rng = np.random.default_rng(seed)
+    sample = uniform_sample(n, max_cells, seed)
+    gene_share = 1.0 if not max_gene_cells or len(sample) <= max_gene_cells else max_gene_cells / len(sample)
     gene_rng = np.random.default_rng(seed + 1)
     base.eval()
     ys, logits, zs, z_bases, genes, gene_rows = [], [], [], [], [], []
     seen = 0
-    for x, y in datamodule.eval_dataloader(split):
-        if share < 1.0:
-            keep = rng.random(len(y)) < share
-            if not keep.any():
-                continue
-            x, y = take_rows(x, keep), y[torch.from_numpy(keep)]
+    for x, y in datamodule.eval_dataloader(split, rows=None if len(sample) == n else sample):
         batch_logits, z = predictor.logits(x)
         ys.append(y.numpy())
         logits.append(batch_logits.numpy())
@@ -122,14 +113,17 @@ def run_split(datamodule: Any, split: str, predictor: CellTypePredictor, base: E
         seen += len(y)
     if not ys:
         raise EvaluationError(f"the {split} split yielded no cells")
-    return SplitOutputs(np.concatenate(ys), np.concatenate(logits), np.concatenate(zs), np.concatenate(z_bases),
-                        sp.vstack(genes).tocsr() if keep_genes else None,
-                        np.concatenate(gene_rows) if keep_genes else None)
+    outputs = SplitOutputs(np.concatenate(ys), np.concatenate(logits), np.concatenate(zs), np.concatenate(z_bases),
+                           sp.vstack(genes).tocsr() if keep_genes else None,
+                           np.concatenate(gene_rows) if keep_genes else None)
+    del ys, logits, zs, z_bases, genes, x, y
+    release_freed_memory()  # the reads' buffers and the batches' pieces
+    return outputs
 
 
 def base_encoder(run_dir: Path, spec: ModelSpec) -> Encoder:
     """The encoder fine-tuning started from, as training recorded it (see :func:`~.inference.runs.load_recorded_base`)."""
-    return load_recorded_base(run_dir, spec.base, spec.genes)
+    return load_recorded_base(run_dir, spec.base, spec.genes).gene_major_first_layer()
 
 
 def _base_decoder(run_dir: Path, spec: ModelSpec, base: Encoder) -> torch.nn.Module | None:
@@ -140,27 +134,86 @@ def _base_decoder(run_dir: Path, spec: ModelSpec, base: Encoder) -> torch.nn.Mod
     return load_decoder(folder, base.config).eval()
 
 
+def _standardised(train_x: np.ndarray | sp.csr_matrix, val_x: np.ndarray | sp.csr_matrix,
+                  test_x: np.ndarray | sp.csr_matrix) -> tuple[Any, Any, Any]:
+    """The three splits scaled with the training split's statistics (sparse: without centring).
+
+    Sparse matrices are scaled **in place** (they are this evaluation's own, used once): StandardScaler's
+    ``transform`` would copy each, and lbfgs its float64 copy of the training split on every C. Here the training
+    split becomes float64 once, sharing its index arrays; validation and test stay float32 (prediction takes
+    them as they are). The values are those StandardScaler computes, bit for bit."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler(with_mean=not sp.issparse(train_x)).fit(train_x)
+    if not sp.issparse(train_x):
+        return scaler.transform(train_x), scaler.transform(val_x), scaler.transform(test_x)
+    inverse = 1.0 / scaler.scale_
+    for X in (train_x, val_x, test_x):
+        X.data *= inverse.take(X.indices, mode="clip")  # sklearn's inplace_csr_column_scale
+    as_float64 = sp.csr_matrix((train_x.data.astype(np.float64), train_x.indices, train_x.indptr), shape=train_x.shape)
+    return as_float64, val_x, test_x
+
+
 def _logistic_regression(train_x: np.ndarray | sp.csr_matrix, train_y: np.ndarray, val_x: np.ndarray | sp.csr_matrix,
                          val_y: np.ndarray, test_x: np.ndarray | sp.csr_matrix, seed: int) -> tuple[np.ndarray, float]:
     """Standardised features + class-balanced logistic regression, C chosen on validation by balanced
-    cross-entropy (the rule the ``finetune=frozen`` probe uses). Sparse input is scaled without centring.
-    Returns the test predictions and the chosen C."""
+    cross-entropy (the rule the ``finetune=frozen`` probe uses). Sparse input is scaled without centring, in
+    place (see :func:`_standardised`). Returns the test predictions and the chosen C."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
-    from sklearn.preprocessing import StandardScaler
     from sklearn.utils.class_weight import compute_sample_weight
 
-    scaler = StandardScaler(with_mean=not sp.issparse(train_x)).fit(train_x)
-    xs, xv = scaler.transform(train_x), scaler.transform(val_x)
+    xs, xv, xt = _standardised(train_x, val_x, test_x)
     known = np.isin(val_y, np.unique(train_y))  # validation cells of classes the training split lacks can't count
+    xv_known = xv if known.all() else xv[known]
     best: tuple[float, float, Any] | None = None
     for C in C_GRID:
         clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced", random_state=seed).fit(xs, train_y)
-        loss = log_loss(val_y[known], clf.predict_proba(xv[known]), labels=clf.classes_,
+        loss = log_loss(val_y[known], _in_row_chunks(clf.predict_proba, xv_known), labels=clf.classes_,
                         sample_weight=compute_sample_weight("balanced", val_y[known]))
         if best is None or loss < best[0]:
             best = (loss, C, clf)
-    return best[2].predict(scaler.transform(test_x)), best[1]
+    return _in_row_chunks(best[2].predict, xt), best[1]
+
+
+def _in_row_chunks(predict: Any, X: np.ndarray | sp.csr_matrix, rows: int = 8192) -> np.ndarray:
+    """``predict(X)`` a block of rows at a time: SciPy multiplies a float32 matrix by float64 weights through a
+    float64 copy of it, which stays one block's size."""
+    return np.concatenate([predict(X[i:i + rows]) for i in range(0, X.shape[0], rows)])
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages Python and NumPy freed back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps freed memory for reuse, so the peak of each phase (a SOMA read, a forward pass) stays resident under
+    the next one; trimming between phases keeps a million-cell evaluation's peak to its largest phase."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def baseline_reports(train: SplitOutputs, held_out: list[tuple[np.ndarray, sp.csr_matrix, np.ndarray]],
+                     classes: list[str], seed: int) -> dict[str, dict]:
+    """Logistic regression on the base's frozen embedding and on the normalised genes, trained on (a sample of)
+    the training split, C chosen on validation, scored on test. ``held_out``: (base embeddings, genes, labels) of
+    validation and test, already restricted to the same cells (all of them, or the sample the genes kept)."""
+    (z_val, genes_val, y_val), (z_test, genes_test, y_test) = held_out
+    features = {"z_base": (train.z_base[train.gene_rows], z_val, z_test),
+                "genes": (train.genes, genes_val, genes_test)}
+    y_train = train.y[train.gene_rows]
+    reports = {}
+    for name, kind in (("frozen_embedding_lr", "z_base"), ("genes_lr", "genes")):
+        tr, va, te = features.pop(kind)
+        pred, C = _logistic_regression(tr, y_train, va, y_val, te, seed)  # scales sparse genes in place
+        reports[name] = {**classification_report(y_test, pred, classes), "C": C, "n_test_cells": int(len(y_test))}
+    return reports
 
 
 def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 0.9, baselines: bool = True,
@@ -191,7 +244,7 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
     report["model"] = model_report
     report["top_confusions"] = top_confusions(np.array(model_report["confusion_matrix"]), classes)
     # forgetting: base vs adapted embeddings on held-out reference cells (the adapter never trained on them)
-    some = _sample(len(test.y), MAX_FORGETTING_CELLS, int(cfg.seed))
+    some = uniform_sample(len(test.y), MAX_FORGETTING_CELLS, int(cfg.seed))
     report["forgetting"] = forgetting(test.z_base[some], test.z[some], test.y[some], k=knn_k)
 
     # calibration: temperature fitted on validation, judged on test; an 'unknown' threshold chosen on validation
@@ -214,29 +267,29 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
             predictor, base, reference["path"], reference.get("label_key") or "cell_type",
             layer=reference.get("layer", "X"), input_is_log1p=bool(reference.get("input_is_log1p", False)),
             k=knn_k, decoder=decoder, seed=int(cfg.seed), query_cells=reference.get("query_cells"))
+    # only the baselines' cells of validation stay (and of test, once plotted): the rest (266 MB at 250,000 cells)
+    # goes before the phases that add to it
+    held_out = [(s.z_base[s.gene_rows], s.genes, s.y[s.gene_rows]) for s in (val, test)] if baselines else []
+    del val
+    release_freed_memory()
 
+    out = run_dir / "evaluation"
+    out.mkdir(exist_ok=True)
+    plot_confusion_matrix(model_report["confusion_matrix"], classes, out / "confusion_matrix.png")
+    shown = uniform_sample(len(test.y), MAX_PLOT_CELLS, int(cfg.seed))
+    plot_embeddings(test.z_base[shown], test.z[shown], test.y[shown], test.logits.argmax(1)[shown], classes,
+                    out / "embeddings.png", seed=int(cfg.seed))
+    del test
     if baselines:
         train = run_split(datamodule, "train", predictor, base, max_cells=max_baseline_cells, keep_genes=True,
                           seed=int(cfg.seed))
-        report["baselines"] = {}
-        # both baselines on the same cells: all of them, or (beyond max_baseline_cells) the sample the genes kept
-        features = {"z_base": (train.z_base[train.gene_rows], val.z_base[val.gene_rows], test.z_base[test.gene_rows]),
-                    "genes": (train.genes, val.genes, test.genes)}
-        y_train, y_val, y_test = train.y[train.gene_rows], val.y[val.gene_rows], test.y[test.gene_rows]
-        for name, kind in (("frozen_embedding_lr", "z_base"), ("genes_lr", "genes")):
-            tr, va, te = features[kind]
-            pred, C = _logistic_regression(tr, y_train, va, y_val, te, int(cfg.seed))
-            report["baselines"][name] = {**classification_report(y_test, pred, classes), "C": C,
-                                         "n_test_cells": int(len(y_test))}
-    out = run_dir / "evaluation"
-    out.mkdir(exist_ok=True)
+        # the rest is NumPy and scikit-learn: the two encoders and the SOMA handles (0.4 GB at 28,231 genes) go too
+        del predictor, base, datamodule
+        release_freed_memory()
+        report["baselines"] = baseline_reports(train, held_out, classes, int(cfg.seed))
     train_metrics = json.loads((run_dir / METRICS_FILE).read_text())
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(render_markdown(report, train_metrics))
-    plot_confusion_matrix(model_report["confusion_matrix"], classes, out / "confusion_matrix.png")
-    shown = _sample(len(test.y), MAX_PLOT_CELLS, int(cfg.seed))
-    plot_embeddings(test.z_base[shown], test.z[shown], test.y[shown], test.logits.argmax(1)[shown], classes,
-                    out / "embeddings.png", seed=int(cfg.seed))
     if wandb_project:
         log_to_wandb(report, run_dir, out, wandb_project, group=train_metrics.get("wandb_group"))
     log.info("evaluation written to %s", out)

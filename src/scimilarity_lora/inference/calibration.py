@@ -38,21 +38,33 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray, max_iter: int = 200) -> float:
-    """Temperature T > 0 minimising the NLL of softmax(logits / T) on held-out (validation) data."""
-    z = torch.as_tensor(logits, dtype=torch.float64)
-    t = torch.as_tensor(y, dtype=torch.long)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter)
+#: the temperatures :func:`fit_temperature` searches (a trained classifier's optimum lies far inside; logits that
+#: carry no information at all reach the upper end, where the probabilities are uniform to 1e-3 anyway)
+TEMPERATURE_BOUNDS = (1e-2, 1e3)
 
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(z / log_t.exp(), t)
-        loss.backward()
-        return loss
 
-    opt.step(closure)
-    return float(log_t.detach().exp())
+def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    z = logits * (1.0 / temperature)
+    z -= z.max(axis=1, keepdims=True)
+    picked = z[np.arange(len(z)), y]
+    np.exp(z, out=z)
+    return float(np.mean(np.log(z.sum(axis=1)) - picked))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature T > 0 minimising the NLL of softmax(logits / T) on held-out (validation) data.
+
+    A bounded 1-D search over log T (the NLL is unimodal in it), in NumPy float64: each step holds one copy of the
+    logits. torch's LBFGS took the same answer with an autograd graph per step, and left 670 MB of freed heap
+    behind it at 125,000 validation cells (the peak of a million-cell evaluation)."""
+    from scipy.optimize import minimize_scalar
+
+    logits = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    lo, hi = np.log(TEMPERATURE_BOUNDS)
+    res = minimize_scalar(lambda log_t: _nll(logits, y, float(np.exp(log_t))), bounds=(lo, hi), method="bounded",
+                          options={"xatol": 1e-6})
+    return float(np.exp(res.x))
 
 
 def coverage_accuracy(probs: np.ndarray, y: np.ndarray, thresholds: Sequence[float]) -> list[dict]:

@@ -51,6 +51,7 @@ class CellTypePredictor:
     @classmethod
     def load(cls, path: str | Path) -> "CellTypePredictor":
         spec, classifier, config = read_model_dir(path)
+        classifier.encoder.gene_major_first_layer()  # loaded for inference only: no transposed copy beside it
         predictor = cls(classifier, spec, config, Calibration.load(path))
         predictor.path = Path(path)
         return predictor

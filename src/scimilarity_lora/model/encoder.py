@@ -76,6 +76,19 @@ class Encoder(nn.Module):
     def from_config(cls, config: EncoderConfig) -> "Encoder":
         return cls(config.n_genes, config.latent_dim, config.hidden_dim, config.dropout, config.input_dropout)
 
+    def gene_major_first_layer(self) -> "Encoder":
+        """Keep the first layer's weight (hidden x genes) in gene-major memory order, for inference.
+
+        The sparse first layer reads that weight one gene row at a time (``embedding_bag`` over ``weight.T``); stored
+        as is, a frozen weight gets a transposed copy beside it (115 MB at 28,231 genes x 1,024). Stored gene-major,
+        ``weight.T`` is already contiguous and no copy is made. Values, dense results and the state dict's contents
+        are unchanged; only the strides differ (safetensors writers here call ``.contiguous()``)."""
+        first = self.network[0][1]
+        linear = getattr(first, "base_layer", first)  # a peft LoRA layer wraps the Linear
+        if not linear.weight.t().is_contiguous():
+            linear.weight.data = linear.weight.detach().t().contiguous().t()
+        return self
+
     def forward(self, x: "torch.Tensor | SparseBatch") -> torch.Tensor:
         layers = iter(self.network)
         if isinstance(x, SparseBatch):  # the first layer reads only the non-zero genes (see sparse.py)
