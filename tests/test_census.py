@@ -10,6 +10,7 @@ import scanpy as sc
 import scipy.sparse as sp
 import torch
 
+from conftest import make_counts_adata
 from helpers import FAST, compose_train
 from scimilarity_lora.data.anndata import DataError
 from scimilarity_lora.data.census import CensusBatch, CensusDataModule
@@ -219,3 +220,38 @@ def test_pretraining_streams_a_census_slice(store, store_adata, tmp_path):
     assert [r["epoch"] for r in history] == [0, 1] and history[1]["train/loss"] < history[0]["train/loss"]
     assert all(r["train/n_triplets"] > 0 for r in history)  # streamed batches hold positives
     assert (tmp_path / "model" / "encoder.ckpt").is_file() and not (tmp_path / "holdout.csv").exists()
+
+
+def _dense_pass(loader):
+    xs, ys = zip(*loader)
+    return (torch.cat([x.to_dense() if hasattr(x, "to_dense") else x for x in xs]).numpy(), torch.cat(ys).numpy())
+
+
+def test_evaluation_reads_a_sample_of_a_split_as_exactly_those_cells(store, real_gene_order, tmp_path):
+    """``eval_dataloader(split, rows)`` (how evaluation's baselines and calibration's centroids take a sample of a
+    million-cell split) yields the split's rows at those positions, in order, and nothing else; the same for
+    both data modules."""
+    from scimilarity_lora.data.anndata import AnnDataModule
+    from scimilarity_lora.data.splits import uniform_sample
+
+    dm = datamodule(store, real_gene_order)
+    n = len(dm.split_ids()["train"])
+    rows = uniform_sample(n, 150, seed=3)
+    assert len(rows) == 150 < n
+    x_all, y_all = _dense_pass(dm.eval_dataloader("train"))
+    x_some, y_some = _dense_pass(dm.eval_dataloader("train", rows=rows))
+    assert len(y_all) == n and x_some.shape == (150, 28231)
+    np.testing.assert_array_equal(y_some, y_all[rows])
+    np.testing.assert_allclose(x_some, x_all[rows], atol=1e-6)
+
+    path = tmp_path / "cells.h5ad"
+    make_counts_adata(300, 120).write_h5ad(path)
+    adm = AnnDataModule(path=str(path), label_key="cell_type", layer="X", input_is_log1p=False)
+    adm.gene_order = [f"GENE{i}" for i in range(120)]
+    adm.setup()
+    n = len(adm.split_ids()["train"])
+    rows = uniform_sample(n, 50, seed=3)
+    x_all, y_all = _dense_pass(adm.eval_dataloader("train"))
+    x_some, y_some = _dense_pass(adm.eval_dataloader("train", rows=rows))
+    np.testing.assert_array_equal(y_some, y_all[rows])
+    np.testing.assert_allclose(x_some, x_all[rows], atol=1e-6)

@@ -274,13 +274,13 @@ class CensusDataModule(CellDataModule):
         """Any split without shuffling: what evaluation iterates; ``rows``: only these positions of the split (a
         sample is read, not the whole split). Reads ``eval_io_batch_size`` cells at a time: without shuffling a
         large read buys nothing, and each read in flight holds its Arrow tables, their CSR copies and TileDB's
-        buffers (about 0.4 GB more at 16,384 cells than at 4,096 in a million-cell evaluation)."""
+        buffers."""
         dataset, io_batch_size = self.datasets[split], self.eval_io_batch_size
         if rows is not None:
             joinids = self.split_joinids[split]
             dataset = evolve(dataset, query_ids=evolve(dataset.query_ids, obs_joinids=joinids[rows]))
             # a read spans the tiles of every cell between its first and last: keep that span, not the count, at
-            # eval_io_batch_size (4,096 of a 7% sample spread over 57,000 cells' tiles: +0.5 GB)
+            # eval_io_batch_size (4,096 cells of a 7% sample would span the tiles of some 57,000)
             io_batch_size = max(64, -(-io_batch_size * len(rows) // max(1, len(joinids))))
         return self._loader(split, evolve(dataset, shuffle=False, io_batch_size=io_batch_size))
 

@@ -283,7 +283,7 @@ def evaluate_run(run_dir: str | Path, knn_k: int = 15, target_accuracy: float = 
     if baselines:
         train = run_split(datamodule, "train", predictor, base, max_cells=max_baseline_cells, keep_genes=True,
                           seed=int(cfg.seed))
-        # the rest is NumPy and scikit-learn: the two encoders and the SOMA handles (0.4 GB at 28,231 genes) go too
+        # the rest is NumPy and scikit-learn: the two encoders and the SOMA handles go too
         del predictor, base, datamodule
         release_freed_memory()
         report["baselines"] = baseline_reports(train, held_out, classes, int(cfg.seed))

@@ -55,8 +55,8 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """Temperature T > 0 minimising the NLL of softmax(logits / T) on held-out (validation) data.
 
     A bounded 1-D search over log T (the NLL is unimodal in it), in NumPy float64: each step holds one copy of the
-    logits. torch's LBFGS took the same answer with an autograd graph per step, and left 670 MB of freed heap
-    behind it at 125,000 validation cells (the peak of a million-cell evaluation)."""
+    logits. torch's LBFGS reached the same answer with an autograd graph per step, and left hundreds of MB of freed
+    heap behind it at 125,000 validation cells (the peak of a million-cell evaluation)."""
     from scipy.optimize import minimize_scalar
 
     logits = np.asarray(logits, dtype=np.float64)
