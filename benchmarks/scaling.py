@@ -180,7 +180,9 @@ def main() -> None:
             r["command"] = command
         kept = [r for r in old["rows"] if (r["job"], r["n_cells"]) not in measured]
         order = {job: i for i, job in enumerate(JOBS)}
-        result = {**old, "rows": sorted(kept + rows, key=lambda r: (r["n_cells"], order[r["job"]]))}
+        result = {**old, "rows": sorted(kept + rows, key=lambda r: (r["n_cells"], order[r["job"]])),
+                  # rows without a "command" of their own came from this run
+                  "full_run_command": old.get("full_run_command", old["command"])}
     plot(result["rows"], out.with_suffix(".png"))
     write_result(result, out)
 

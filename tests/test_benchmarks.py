@@ -4,6 +4,7 @@ benchmark can rot unnoticed. Also checks that every script is in that list and e
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,3 +56,14 @@ def test_every_benchmark_runs_at_a_tiny_size_and_writes_what_the_docs_read(workd
         assert set(r) >= {"job", "n_cells", "wall_s", "cells_per_s", "peak_rss_mb"}
         assert r["n_cells"] == 1200 and r["wall_s"] > 0 and r["cells_per_s"] > 0 and r["peak_rss_mb"] > 100
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+    # a partial re-run (--jobs ... --update) replaces only its rows, each naming the command that measured it
+    subprocess.run([sys.executable, "benchmarks/scaling.py", "--sizes", "1200", "--train-steps", "2", "--query-cells",
+                    "200", "--jobs", "index_query", "--update", "--workdir", str(workdir / "scaling"),
+                    "--out", str(tmp_path / "scaling.json")], cwd=REPO, check=True, capture_output=True)
+    updated = json.loads((tmp_path / "scaling.json").read_text())
+    others = lambda rows: [r for r in rows if r["job"] != "index_query"]  # noqa: E731
+    assert others(updated["rows"]) == others(scaling["rows"]) and len(updated["rows"]) == len(scaling["rows"])
+    (row,) = [r for r in updated["rows"] if r["job"] == "index_query"]
+    assert "--update" in row["command"] and row["n_cells"] == 1200 and row["peak_rss_mb"] > 100
+    assert updated["full_run_command"] == scaling["command"] and "--update" in updated["command"]
