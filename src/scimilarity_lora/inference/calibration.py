@@ -19,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 CALIBRATION_FILE = "calibration.json"
