@@ -66,13 +66,6 @@ class SparseBatch:
         return SparseBatch(self.indices.to(device), self.offsets.to(device), self.values.to(device), self.n_genes)
 
 
-def take_rows(x: "torch.Tensor | SparseBatch", keep: np.ndarray) -> "torch.Tensor | SparseBatch":
-    """The rows of a dense or sparse encoder input where ``keep`` (a boolean array) is true."""
-    if isinstance(x, SparseBatch):
-        return SparseBatch.from_csr(x.to_csr()[keep])
-    return x[torch.from_numpy(keep)]
-
-
 class UnsupportedAdapterError(NotImplementedError):
     """An adapter the sparse first layer cannot compute exactly."""
 
