@@ -16,7 +16,7 @@ from scimilarity_lora.data.ontology import OntologyError, coarse_terms, ontology
 from scimilarity_lora.evaluation.label_matching import coarse_correct, match_labels, ontology_correct
 from scimilarity_lora.inference.calibration import Calibration
 from scimilarity_lora.inference.coarse import CoarseTerms
-from scimilarity_lora.inference.majority import leiden_resolution, majority_vote
+from scimilarity_lora.inference.majority import expression_clusters, leiden_resolution, majority_vote
 
 # real CL ids: naive CD4 T, memory CD4 T, CD8 T, naive CD8 T, B cell
 NAIVE_CD4, MEMORY_CD4, CD8, NAIVE_CD8, B = "CL:0000895", "CL:0000897", "CL:0000625", "CL:0000900", "CL:0000236"
@@ -150,6 +150,24 @@ def test_majority_voting_equals_a_hand_computed_vote_on_fixed_clusters():
     assert leiden_resolution(700) == 5 and leiden_resolution(50_000) == 20 and leiden_resolution(10**6) == 30
 
 
+def test_expression_clusters_follow_the_cell_types_and_leave_empty_cells_out(pbmc):
+    X = sp.csr_matrix(pbmc.raw.X, dtype=np.float32, copy=True)
+    X[:2] = 0
+    X.eliminate_zeros()
+    clusters = expression_clusters(X, input_is_log1p=True)
+    assert clusters[0] is None and clusters[1] is None
+    assert 10 < len(set(clusters[2:])) < 100  # over-clustered at CellTypist's resolution for 700 cells
+    table = pd.crosstab(clusters[2:], pbmc.obs["bulk_labels"].to_numpy()[2:])
+    assert table.max(axis=1).sum() / table.values.sum() > 0.7  # clusters mostly hold one labelled type
+    assert list(expression_clusters(X, input_is_log1p=True)) == list(clusters)  # seeded: the same every time
+    # counts are depth-normalised first: scaling each cell's counts by its own factor changes no cluster
+    counts = X.copy()
+    counts.data = np.expm1(counts.data)
+    deeper = sp.diags(np.random.default_rng(0).uniform(0.2, 5.0, X.shape[0])) @ counts
+    assert list(expression_clusters(deeper, input_is_log1p=False)) == list(
+        expression_clusters(counts, input_is_log1p=False))
+
+
 # -- a trained model on another labelled dataset ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -210,6 +228,14 @@ def test_a_query_is_scored_through_the_ontology_and_written_into_the_run(tiny_ru
     assert report["novel_types"]["per_label"]["DC"]["rejected"] == pytest.approx(
         np.isin(status[dc], ["low_confidence", "novel"]).mean(), abs=1e-4)
     assert report["majority_voting"]["n_clusters"] > 1 and 0 <= report["majority_voting"]["accuracy"] <= 1
+    # voting over the query's own expression clusters: the hand-computed vote of the best classes, scored
+    expr = expression_clusters(query.X, input_is_log1p=True)
+    voted, _ = majority_vote(best, expr)
+    assert report["majority_voting_expression"]["n_clusters"] == len(set(expr))
+    assert report["majority_voting_expression"]["accuracy"] == pytest.approx(
+        accuracy_score(truth[keep], voted[keep].astype(str)), abs=1e-4)
+    assert report["majority_voting_expression"]["macro_f1"] == pytest.approx(
+        f1_score(truth[keep], voted[keep].astype(str), labels=present, average="macro"), abs=1e-4)
     wu = report["with_unknown"]
     assert wu["coarse"]["coverage"] >= wu["head"]["coverage"]
 
@@ -296,11 +322,35 @@ def test_annotate_majority_voting_and_coarse_from_the_command_line(tiny_run, pbm
                                         obs["louvain"].astype(str).to_numpy())
     assert list(obs["scimilarity_lora_majority_voting"].astype(str)) == [str(m) for m in majority]
     np.testing.assert_allclose(obs["scimilarity_lora_majority_frequency"], frequency)
+    assert out.uns["scimilarity_lora"]["vote_on"] == "louvain"
     coarse = obs["scimilarity_lora_status"] == "coarse"
     coarse_labels = {t["label"] for t in json.loads((tiny_run / "model" / "model_config.json").read_text())
                      ["ontology"]["coarse_terms"]}
     assert set(obs.loc[coarse, "scimilarity_lora_label"].astype(str)) <= coarse_labels
     assert obs.loc[obs["scimilarity_lora_status"] == "ok", "scimilarity_lora_ontology_term_id"].notna().all()
+
+
+def test_annotate_votes_over_the_cells_own_expression_in_memory_and_from_a_file_in_chunks(tiny_run, pbmc, tmp_path):
+    from scimilarity_lora.inference.annotate import annotate
+
+    src = tmp_path / "in.h5ad"
+    ad.AnnData(sp.csr_matrix(pbmc.raw.X), var=pbmc.raw.var.copy()).write_h5ad(src)
+    res = subprocess.run([sys.executable, "-m", "scimilarity_lora.inference.annotate", str(tiny_run), str(src),
+                          str(tmp_path / "out.h5ad"), "--log1p", "--vote-on", "expression", "--chunk-cells", "256"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    expected = expression_clusters(sp.csr_matrix(pbmc.raw.X), input_is_log1p=True)  # the whole file, not a chunk
+    assert list(out.obs["scimilarity_lora_over_clustering"].astype(str)) == list(expected)
+    majority, _ = majority_vote(out.obs["scimilarity_lora_label"].astype(object).to_numpy(), expected)
+    assert list(out.obs["scimilarity_lora_majority_voting"].astype(str)) == [str(m) for m in majority]
+    assert out.uns["scimilarity_lora"]["vote_on"] == "expression"
+
+    in_memory = annotate(ad.read_h5ad(src), tiny_run / "model", input_is_log1p=True, majority_voting=True,
+                         vote_on="expression", progress=False)
+    assert list(in_memory.obs["scimilarity_lora_majority_voting"].astype(str)) == [str(m) for m in majority]
+    with pytest.raises(ValueError, match="vote_on must be one of"):
+        annotate(ad.read_h5ad(src), tiny_run / "model", input_is_log1p=True, majority_voting=True, vote_on="genes")
     bad = subprocess.run([sys.executable, "-m", "scimilarity_lora.inference.annotate", str(tiny_run), str(src),
                           str(tmp_path / "o2.h5ad"), "--over-clustering", "nope"], cwd=REPO, capture_output=True,
                          text=True, timeout=300)

@@ -143,11 +143,14 @@ def run_ours(task: str, method: str, seed: int, ref: dict, query: dict, work: Pa
                 accuracy_with_unknown=r["with_unknown"]["coarse"]["accuracy"],
                 own_test_macro_f1=metrics.get("test/macro_f1"), own_test_accuracy=metrics.get("test/accuracy"))
     mv = r.get("majority_voting") or {}
+    mve = r.get("majority_voting_expression") or {}
     knn = r["knn"]
     base = {"task": task, "seed": seed, "train": cost, "index_build": index_cost, "evaluate": evaluate_cost}
     return [{**base, "method": method, **head},
             {**base, "method": f"{method}+majority_voting", "accuracy": mv.get("accuracy"),
              "macro_f1": mv.get("macro_f1"), "balanced_accuracy": mv.get("balanced_accuracy")},
+            {**base, "method": f"{method}+majority_voting_expression", "accuracy": mve.get("accuracy"),
+             "macro_f1": mve.get("macro_f1"), "balanced_accuracy": mve.get("balanced_accuracy")},
             {**base, "method": f"{method}+knn", **{k: knn.get(k) for k in ("accuracy", "macro_f1", "balanced_accuracy",
                                                                            "rejection_rate", "n_cells_scored")},
              "coverage_with_unknown": (knn.get("with_unknown") or {}).get("coverage"),
@@ -178,12 +181,19 @@ def run_peer(task: str, method: str, seed: int, ref: dict, query: dict, work: Pa
     return rows
 
 
+def _same_run(row: dict, task: str, method: str, seed: int) -> bool:
+    """A line of this task, seed and method (its +knn, +majority_voting... rows included)."""
+    return row["task"] == task and row["seed"] == seed and row["method"].split("+")[0] == method
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--real", default=str(REPO.parent / "shared" / "data" / "real"))
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--methods", nargs="+", default=[*OURS, *PEER_METHODS])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--redo", action="store_true",
+                   help="run finished (task, method, seed) again and replace their lines (e.g. for a new figure)")
     a = p.parse_args()
     real = Path(a.real)
     if not (real / "pbmc3k_seurat.h5ad").is_file():
@@ -201,7 +211,7 @@ def main() -> None:
                 print(f"{method}: no base at {PRETRAINED_28K} (experiments/pretrained_base/README.md builds it)")
                 continue
             for seed in (a.seeds if method in SEEDED else a.seeds[:1]):
-                if (task, method, seed) in done:
+                if (task, method, seed) in done and not a.redo:
                     continue
                 work = OUT / "work" / task.replace(">", "") / method / f"seed{seed}"
                 work.mkdir(parents=True, exist_ok=True)
@@ -211,9 +221,9 @@ def main() -> None:
                 except RuntimeError as e:
                     print(f"  failed: {str(e)[:300]}", flush=True)
                     continue
-                with open(results, "a") as f:
-                    for row in rows:
-                        f.write(json.dumps(row) + "\n")
+                kept = [line for line in (results.read_text().splitlines() if results.is_file() else [])
+                        if not _same_run(json.loads(line), task, method, seed)]
+                results.write_text("".join(line + "\n" for line in kept + [json.dumps(row) for row in rows]))
                 print("  " + ", ".join(f"{r['method']} {r.get('accuracy')}/{r.get('macro_f1')}" for r in rows),
                       flush=True)
 

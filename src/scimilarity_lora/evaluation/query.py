@@ -40,7 +40,8 @@ QUERY_DIR = "query"
 MAP_COLUMNS = (("query_label", "model_label"), ("label", "cl_id"))
 #: the figures copied into metrics.json as query/<stem>/<key>
 FLAT_KEYS = ("accuracy", "macro_f1", "balanced_accuracy", "ontology_aware_accuracy", "rejection_rate",
-             "majority_voting/accuracy", "majority_voting/macro_f1", "with_unknown/head/coverage",
+             "majority_voting/accuracy", "majority_voting/macro_f1", "majority_voting_expression/accuracy",
+             "majority_voting_expression/macro_f1", "with_unknown/head/coverage",
              "with_unknown/head/accuracy", "with_unknown/coarse/coverage", "with_unknown/coarse/accuracy",
              "knn/accuracy", "knn/macro_f1", "knn/balanced_accuracy", "knn/rejection_rate", "knn/with_unknown/coverage",
              "knn/with_unknown/accuracy")
@@ -68,10 +69,13 @@ def read_query_labels(adata, label_key: str, ontology_key: str | None) -> tuple[
 def evaluate_query(model: str | Path | CellTypePredictor, path: str, label_key: str = "cell_type", *,
                    layer: str | None = "X", input_is_log1p: bool = False, ontology_key: str | None = None,
                    label_map: str | dict | None = None, gene_symbols_key: str | None = None,
-                   min_gene_overlap: int = 50, majority_voting: bool = True, batch_size: int = 4096,
-                   seed: int = 0, reference: "str | Path | None" = None, k: int = 15) -> dict[str, Any]:
+                   min_gene_overlap: int = 50, majority_voting: bool = True, expression_voting: bool = True,
+                   batch_size: int = 4096, seed: int = 0, reference: "str | Path | None" = None,
+                   k: int = 15) -> dict[str, Any]:
     """The report (a dict) of ``model`` on the labelled query at ``path`` (see the module docstring); with
-    ``reference`` (an index directory) also the kNN labels of that index under ``knn``."""
+    ``reference`` (an index directory) also the kNN labels of that index under ``knn``. ``majority_voting`` votes
+    over clusters of the embedding, ``expression_voting`` over clusters of the query's own expression
+    (CellTypist's over-clustering, :func:`~scimilarity_lora.inference.majority.expression_clusters`)."""
     predictor = model if isinstance(model, CellTypePredictor) else CellTypePredictor.load(model)
     index = None
     if reference is not None:
@@ -97,7 +101,13 @@ def evaluate_query(model: str | Path | CellTypePredictor, path: str, label_key: 
         raise DataError(f"no query label matches a model class (by name, through query.label_map or through the Cell "
                         f"Ontology): query labels {sorted(counts)[:20]}; model classes {predictor.classes}; "
                         "give query.label_map=<csv query_label,model_label> or query.ontology_key=<obs column of CL ids>")
-    report = score(predictor, labels, result, matches, seed=seed, majority_voting=majority_voting)
+    clusters = None
+    if expression_voting:
+        from scimilarity_lora.inference.majority import expression_clusters
+
+        clusters = expression_clusters(X, input_is_log1p, seed=seed)
+    report = score(predictor, labels, result, matches, seed=seed, majority_voting=majority_voting,
+                   expression_clusters=clusters)
     report.update(query=str(path), label_key=label_key, layer=layer, input_is_log1p=bool(input_is_log1p),
                   gene_overlap={k: v for k, v in alignment.summary().items() if k != "rescued_by_alias"},
                   n_cells_in_file=int(adata.n_obs), n_cells_unlabelled=int((~has_label).sum()),
@@ -141,8 +151,11 @@ def score_knn(classes: list[str], class_terms: dict, labels: np.ndarray, express
 
 
 def score(predictor: CellTypePredictor, labels: np.ndarray, result, matches: dict[str, LabelMatch], *,
-          seed: int = 0, majority_voting: bool = True) -> dict[str, Any]:
-    """Every figure of the report from per-cell predictions and label matches (pure: tested on built cases)."""
+          seed: int = 0, majority_voting: bool = True,
+          expression_clusters: np.ndarray | None = None) -> dict[str, Any]:
+    """Every figure of the report from per-cell predictions and label matches (pure: tested on built cases).
+    ``majority_voting``: also vote over Leiden clusters of the embedding; ``expression_clusters`` (one cluster per
+    cell, None for none): also vote over them (``majority_voting_expression``)."""
     classes = list(predictor.classes)
     index = {c: i for i, c in enumerate(classes)}
     scored = np.array([x is not None for x in labels]) & result.expressed
@@ -170,15 +183,26 @@ def score(predictor: CellTypePredictor, labels: np.ndarray, result, matches: dic
                     "the model cannot know): %s", report["unmapped_labels"])
     report["crosstab"] = _crosstab(labels[scored], best[scored], classes)
     if majority_voting and matched.sum() >= 3:
-        from scimilarity_lora.inference.majority import majority_vote, over_cluster
+        from scimilarity_lora.inference.majority import over_cluster
 
         clusters = over_cluster(np.where(result.expressed[:, None], result.embeddings, np.nan), seed=seed)
-        voted, frequency = majority_vote(np.where(result.expressed, best, None), clusters)
-        report["majority_voting"] = {**_head_metrics(classification_report(
-            y, np.array([index[v] for v in voted[matched]]), classes), per_class=False),
+        report["majority_voting"] = _voted(y, best, result.expressed, matched, clusters, classes)
+    if expression_clusters is not None and matched.sum() >= 3:
+        report["majority_voting_expression"] = _voted(y, best, result.expressed, matched, expression_clusters, classes)
+    return report
+
+
+def _voted(y: np.ndarray, best: np.ndarray, expressed: np.ndarray, matched: np.ndarray, clusters: np.ndarray,
+           classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and balanced accuracy of the per-cluster majority of the head's best classes."""
+    from scimilarity_lora.inference.majority import majority_vote
+
+    index = {c: i for i, c in enumerate(classes)}
+    voted, frequency = majority_vote(np.where(expressed, best, None), clusters)
+    pred = np.array([index[v] if v is not None else -1 for v in voted[matched]], dtype=np.int64)
+    return {**_head_metrics(classification_report(y, pred, classes), per_class=False),
             "n_clusters": int(len({c for c in clusters if c is not None})),
             "mean_frequency": round(float(np.nanmean(frequency[matched])), 4)}
-    return report
 
 
 def _head_metrics(r: dict, per_class: bool = True) -> dict:
@@ -282,10 +306,11 @@ def render_query_markdown(r: dict, name: str) -> str:
              f"| with 'unknown': coverage / accuracy | {f(u['coverage'])} / {f(u['accuracy'])} |",
              f"| with coarse answers: coverage / accuracy | {f(c['coverage'])} / {f(c['accuracy'])} |",
              f"| rejection rate of types the model cannot know | {f(r['rejection_rate'])} |"]
-    if "majority_voting" in r:
-        mv = r["majority_voting"]
-        lines.append(f"| majority voting ({mv['n_clusters']} clusters): accuracy / macro-F1 | {f(mv['accuracy'])} / "
-                     f"{f(mv['macro_f1'])} |")
+    for key, over in (("majority_voting", "the embedding"), ("majority_voting_expression", "the query's expression")):
+        if key in r:
+            mv = r[key]
+            lines.append(f"| majority voting over {mv['n_clusters']} clusters of {over}: accuracy / macro-F1 | "
+                         f"{f(mv['accuracy'])} / {f(mv['macro_f1'])} |")
     if "knn" in r:
         kn = r["knn"]
         lines.append(f"| kNN on the reference index (k={kn['k']}, {kn['encoder_kind']}): accuracy / macro-F1 / "
@@ -321,6 +346,7 @@ def evaluate_query_run(run_dir: str | Path, query: dict[str, Any], wandb_project
                             gene_symbols_key=query.get("gene_symbols_key"),
                             min_gene_overlap=int(query.get("min_gene_overlap", 50)),
                             majority_voting=bool(query.get("majority_voting", True)),
+                            expression_voting=bool(query.get("expression_voting", True)),
                             reference=query.get("reference"), k=int(query.get("k", 15)))
     out = write_query_report(run_dir, report, name)
     log.info("%s: accuracy %.3f, macro-F1 %.3f, ontology-aware accuracy %s on %d cells -> %s", name,

@@ -9,7 +9,8 @@ term, or "unknown"), ``..._ontology_term_id``, ``..._best_guess``, ``..._confide
 (ok | coarse | low_confidence | novel | no_expression), ``..._top{k}`` (``"label:prob; ..."``),
 ``obsm['X_scimilarity']`` and ``uns['scimilarity_lora']``. With ``--majority-voting``, also
 ``..._over_clustering``, ``..._majority_voting`` (the cluster's most common label) and
-``..._majority_frequency`` (its share of the cluster), as CellTypist writes them.
+``..._majority_frequency`` (its share of the cluster), as CellTypist writes them; ``--vote-on expression``
+clusters the cells' own expression (CellTypist's way) instead of the model's embedding.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: what majority voting over-clusters when no clusters are given
+VOTE_ON = ("embedding", "expression")
+
+
+def check_vote_on(vote_on: str) -> None:
+    if vote_on not in VOTE_ON:
+        raise DataError(f"vote_on must be one of {VOTE_ON}, not {vote_on!r}")
+
 
 def annotate(
     adata: ad.AnnData,
@@ -51,6 +60,7 @@ def annotate(
     coarse: bool = True,
     majority_voting: bool = False,
     over_clustering: str | None = None,
+    vote_on: str = "embedding",
     seed: int = 0,
     reference: "str | Path | ReferenceIndex | None" = None,
     k: int = 15,
@@ -61,7 +71,8 @@ def annotate(
     labelled "unknown", its best guess kept in ``..._best_guess``; a hesitant one whose candidate classes share a
     Cell Ontology ancestor that together passes the threshold gets that ancestor (status ``coarse``; ``coarse=False``
     switches it off); ``force_label=True`` labels every cell with its best class. ``majority_voting`` adds the
-    per-cluster majority of those labels over Leiden clusters of the embedding, or over ``adata.obs[over_clustering]``.
+    per-cluster majority of those labels over Leiden clusters of the embedding (``vote_on="embedding"``) or of the
+    cells' own expression (``vote_on="expression"``), or over ``adata.obs[over_clustering]``.
     ``reference`` (an index directory, see :mod:`.reference`) adds the distance-weighted vote of each cell's ``k``
     nearest reference cells beside the head's answer (``..._knn_*`` columns; "unknown" beyond the index's calibrated
     distance)."""
@@ -75,6 +86,7 @@ def annotate(
         index = open_reference(reference)
     if over_clustering is not None and over_clustering not in adata.obs.columns:
         raise DataError(f"over-clustering column {over_clustering!r} not in obs; columns: {list(adata.obs.columns)}")
+    check_vote_on(vote_on)
     X, var_names, var = expression_matrix(adata, layer)
     validate_matrix(X, replace(predictor.preprocessing, input_is_log1p=input_is_log1p), f"AnnData ({layer or 'X'})")
     ids = var[gene_ids_key].astype(str).tolist() if gene_ids_key else None
@@ -102,10 +114,11 @@ def annotate(
         log.warning("%d of %d cells have no expression in the model's genes: their label is left empty "
                     "(obs[%r] == 'no_expression')", int((~ok).sum()), len(ok), f"{key_added}_status")
     if majority_voting:
-        from scimilarity_lora.inference.majority import majority_vote, over_cluster
+        from scimilarity_lora.inference.majority import expression_clusters, majority_vote, over_cluster
 
         clusters = (adata.obs[over_clustering].astype("string").to_numpy(dtype=object, na_value=None)
-                    if over_clustering else over_cluster(adata.obsm["X_scimilarity"], seed=seed))
+                    if over_clustering else expression_clusters(X, input_is_log1p, seed=seed)
+                    if vote_on == "expression" else over_cluster(adata.obsm["X_scimilarity"], seed=seed))
         majority, frequency = majority_vote(np.asarray(labels, dtype=object), clusters)
         adata.obs[f"{key_added}_over_clustering"] = pd.Categorical(clusters)
         adata.obs[f"{key_added}_majority_voting"] = pd.Categorical(majority)
@@ -120,6 +133,7 @@ def annotate(
         "force_label": bool(force_label),
         "coarse": bool(coarse and predictor.coarse_terms is not None),
         "majority_voting": bool(majority_voting),
+        "vote_on": over_clustering or vote_on if majority_voting else None,
         # two lists, not a dict: class names such as "CD4+/CD25 T Reg" cannot be HDF5 keys
         "class_ontology_terms": [predictor.class_terms.get(c) or "" for c in predictor.classes],
         "finetune": str(predictor.spec.finetune),
@@ -157,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="a reference index directory: also label each cell by its nearest reference cells (kNN)")
     p.add_argument("--k", type=int, default=15, help="neighbours for --reference")
     p.add_argument("--over-clustering", default=None,
-                   help="obs column of your own clusters for --majority-voting (default: Leiden on the embedding)")
+                   help="obs column of your own clusters for --majority-voting (default: Leiden, see --vote-on)")
+    p.add_argument("--vote-on", choices=VOTE_ON, default="embedding",
+                   help="what --majority-voting over-clusters: the model's embedding, or the cells' own expression "
+                        "(CellTypist's way; the file's matrix is read whole for it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = Path(args.model)
@@ -166,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     options = dict(layer=args.layer, input_is_log1p=args.log1p, gene_symbols_key=args.gene_symbols_key,
                    gene_ids_key=args.gene_ids_key, batch_size=args.batch_size, top_k=args.top_k,
                    force_label=args.force_labels, coarse=not args.no_coarse,
-                   majority_voting=args.majority_voting or args.over_clustering is not None,
-                   over_clustering=args.over_clustering, reference=args.reference, k=args.k)
+                   majority_voting=(args.majority_voting or args.over_clustering is not None
+                                    or args.vote_on != "embedding"),
+                   over_clustering=args.over_clustering, vote_on=args.vote_on, reference=args.reference, k=args.k)
     if args.obs_filter and not Path(args.input).is_dir():
         raise DataError("--obs-filter selects cells of a SOMA store; for an .h5ad, subset the file first")
     if args.input in BUNDLED:  # a bundled dataset lives in memory already

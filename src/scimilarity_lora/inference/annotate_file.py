@@ -20,10 +20,11 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from scimilarity_lora.data.io import DataError
 from scimilarity_lora.data.row_source import open_h5ad_rows, open_soma_rows
-from scimilarity_lora.inference.annotate import annotate
+from scimilarity_lora.inference.annotate import annotate, check_vote_on
 from scimilarity_lora.inference.calibration import STATUSES
 from scimilarity_lora.inference.predictor import CellTypePredictor
 from scimilarity_lora.preprocess import InvalidExpressionError
@@ -40,7 +41,7 @@ SOMA_CHUNK_CELLS = 16_384
 def annotate_file(input_path: str | Path, output_path: str | Path, model: str | Path | CellTypePredictor, *,
                   layer: str | None = None, gene_symbols_key: str | None = None, chunk_cells: int = CHUNK_CELLS,
                   progress: bool = False, majority_voting: bool = False, over_clustering: str | None = None,
-                  seed: int = 0, key_added: str = "scimilarity_lora", obs_filter: str | None = None,
+                  vote_on: str = "embedding", seed: int = 0, key_added: str = "scimilarity_lora", obs_filter: str | None = None,
                   **options: Any) -> dict[str, Any]:
     """Write ``output_path``: the input file with the columns :func:`.annotate.annotate` adds (same keyword
     options), computed ``chunk_cells`` rows at a time. Returns the ``uns[key_added]`` summary.
@@ -48,6 +49,7 @@ def annotate_file(input_path: str | Path, output_path: str | Path, model: str | 
     ``input_path`` may also be a Census-shaped SOMA store (a directory; ``obs_filter`` selects the cells, as for
     the reference index): the output then holds those cells' obs, the store's genes as var and the results, with
     no matrix (the counts stay in the store)."""
+    check_vote_on(vote_on)
     predictor = model if isinstance(model, CellTypePredictor) else CellTypePredictor.load(model)
     if options.get("reference") is not None:  # opened (and checked) once, before any cell is embedded
         from scimilarity_lora.inference.reference.query import open_reference
@@ -73,8 +75,14 @@ def annotate_file(input_path: str | Path, output_path: str | Path, model: str | 
                 ids, options = source.gene_ids, {**options, "gene_ids_key": "gene_ids"}
             chunk_cells = min(chunk_cells, SOMA_CHUNK_CELLS) if store else chunk_cells
             summary = _annotate_chunks(source, tmp, predictor, chunk_cells, progress, key_added, options, ids)
+            clusters = None
+            if majority_voting and over_clustering is None and vote_on == "expression":
+                from scimilarity_lora.inference.majority import expression_clusters
+
+                clusters = expression_clusters(sp.vstack([X for _, X in source.chunks(chunk_cells)], format="csr"),
+                                               bool(options.get("input_is_log1p")), seed=seed)
         if majority_voting:
-            _majority_voting(tmp, over_clustering, key_added, seed)
+            _majority_voting(tmp, over_clustering, key_added, seed, clusters)
         os.replace(tmp, output_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -170,9 +178,11 @@ def _write_rows(group, key: str, value: "np.ndarray | pd.DataFrame", rows: slice
     group[key][rows] = value
 
 
-def _majority_voting(path: Path, over_clustering: str | None, key_added: str, seed: int) -> None:
-    """CellTypist-style majority voting after all chunks: over the user's own clusters (only labels are read), or
-    over Leiden clusters of the embedding (which reads the cells x latent embedding back: 512 MB at 1M cells)."""
+def _majority_voting(path: Path, over_clustering: str | None, key_added: str, seed: int,
+                     clusters: np.ndarray | None = None) -> None:
+    """CellTypist-style majority voting after all chunks: over ``clusters`` (of the cells' expression), the user's
+    own clusters (only labels are read), or Leiden clusters of the embedding (which reads the cells x latent
+    embedding back: 512 MB at 1M cells)."""
     import h5py
     from anndata.io import read_elem, write_elem
 
@@ -180,8 +190,10 @@ def _majority_voting(path: Path, over_clustering: str | None, key_added: str, se
 
     with h5py.File(path, "r+") as f:
         obs = read_elem(f["obs"])
-        clusters = (obs[over_clustering].astype("string").to_numpy(dtype=object, na_value=None) if over_clustering
-                    else over_cluster(np.asarray(f["obsm/X_scimilarity"][:]), seed=seed))
+        vote_on = over_clustering or ("expression" if clusters is not None else "embedding")
+        if clusters is None:
+            clusters = (obs[over_clustering].astype("string").to_numpy(dtype=object, na_value=None)
+                        if over_clustering else over_cluster(np.asarray(f["obsm/X_scimilarity"][:]), seed=seed))
         majority, frequency = majority_vote(np.asarray(obs[f"{key_added}_label"], dtype=object), clusters)
         obs[f"{key_added}_over_clustering"] = pd.Categorical(clusters)
         obs[f"{key_added}_majority_voting"] = pd.Categorical(majority)
@@ -190,5 +202,6 @@ def _majority_voting(path: Path, over_clustering: str | None, key_added: str, se
         write_elem(f, "obs", obs)
         uns = read_elem(f["uns"][key_added])
         uns["majority_voting"] = True
+        uns["vote_on"] = vote_on
         del f["uns"][key_added]
         write_elem(f["uns"], key_added, uns)
