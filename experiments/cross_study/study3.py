@@ -14,6 +14,7 @@ is not run again; committed, because runs are long and ``outputs/`` is not kept)
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import re
 import subprocess
@@ -82,6 +83,8 @@ OURS = {
     "lora_augment": AUGMENT,                                # shift: depth downsampling + gene dropout
     "full_augment": ["finetune=full", *AUGMENT],
     "lora_pretrained_28k_augment": [f"model.pretrained_dir={PRETRAINED_28K}", *AUGMENT],
+    "lora_panel": ["data.gene_panel=2000"],                 # only the reference's 2,000 most variable genes
+    "lora_panel_augment": ["data.gene_panel=2000", *AUGMENT],
 }
 #: the methods whose base's own embedding gets a kNN row (one per distinct base)
 BASE_KNN = {"lora_default", "lora_packaged_base", "lora_pretrained_28k"}
@@ -221,9 +224,11 @@ def main() -> None:
                 except RuntimeError as e:
                     print(f"  failed: {str(e)[:300]}", flush=True)
                     continue
-                kept = [line for line in (results.read_text().splitlines() if results.is_file() else [])
-                        if not _same_run(json.loads(line), task, method, seed)]
-                results.write_text("".join(line + "\n" for line in kept + [json.dumps(row) for row in rows]))
+                with open(results.with_suffix(".lock"), "w") as lock:  # several study3.py may share the file
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    kept = [line for line in (results.read_text().splitlines() if results.is_file() else [])
+                            if not _same_run(json.loads(line), task, method, seed)]
+                    results.write_text("".join(line + "\n" for line in kept + [json.dumps(row) for row in rows]))
                 print("  " + ", ".join(f"{r['method']} {r.get('accuracy')}/{r.get('macro_f1')}" for r in rows),
                       flush=True)
 

@@ -67,7 +67,8 @@ def table(summary: dict) -> str:
 
 
 #: the compact table: this project's recipes, then each peer at its best setting per task (the full table has all)
-COMPACT_OURS = ("lora_default", "lora_default+knn", "lora_augment", "lora_pretrained_28k", "full_finetune", "probe")
+COMPACT_OURS = ("lora_default", "lora_default+majority_voting_expression", "lora_default+knn", "lora_augment",
+               "lora_augment+majority_voting_expression", "lora_pretrained_28k", "full_finetune", "probe")
 COMPACT_PEERS = {"CellTypist (best setting)": ("celltypist", "celltypist_fs", "celltypist+majority_voting",
                                                 "celltypist_fs+majority_voting"),
                  "SingleR": ("singler",), "scANVI": ("scanvi",),
@@ -77,7 +78,13 @@ COMPACT_PEERS = {"CellTypist (best setting)": ("celltypist", "celltypist_fs", "c
 def compact(summary: dict) -> str:
     """One row per method family and task: accuracy / macro-F1 (mean ± sd over seeds, seeds in brackets)."""
     tasks = list(summary)
-    lines = ["| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    cross = [t for t in tasks if t != IN_DISTRIBUTION]
+    lines = ["| method | " + " | ".join(tasks) + " | mean cross-study macro-F1 |", "|---|" + "---|" * (len(tasks) + 1)]
+
+    def mean_cross(entries: list[dict | None]) -> str:
+        """The mean over the cross-study tasks of each task's mean macro-F1 (only when every task ran)."""
+        f1 = [e["macro_f1"]["mean"] for t, e in zip(tasks, entries) if t in cross and e and e["macro_f1"]]
+        return f"{np.mean(f1):.3f}" if len(f1) == len(cross) else ""
 
     def cell(e: dict | None, name: str = "") -> str:
         if not e or not e["macro_f1"]:
@@ -87,14 +94,16 @@ def compact(summary: dict) -> str:
 
     for m in COMPACT_OURS:
         if any(m in summary[t] for t in tasks):
-            lines.append(f"| {m} | " + " | ".join(cell(summary[t].get(m)) for t in tasks) + " |")
+            entries = [summary[t].get(m) for t in tasks]
+            lines.append(f"| {m} | " + " | ".join(cell(e) for e in entries) + f" | {mean_cross(entries)} |")
     for label, options in COMPACT_PEERS.items():
-        row = []
+        row, entries = [], []
         for t in tasks:
             present = [o for o in options if o in summary[t] and summary[t][o]["macro_f1"]]
             best = max(present, key=lambda o: summary[t][o]["macro_f1"]["mean"]) if present else None
             row.append(cell(summary[t].get(best), best if len(options) > 1 else "") if best else "not run")
-        lines.append(f"| {label} | " + " | ".join(row) + " |")
+            entries.append(summary[t].get(best) if best else None)
+        lines.append(f"| {label} | " + " | ".join(row) + f" | {mean_cross(entries)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,11 @@ One implementation, applied per batch on sparse rows (never a dense copy of a wh
 training, evaluation, annotation and serving. The settings travel inside every checkpoint
 (:meth:`Preprocessing.to_dict`), so a served model applies what it was trained with.
 
+A gene panel (``gene_panel``: positions in the model's gene order, chosen on the training cells by
+:func:`highly_variable_panel`) keeps only those genes' values after normalisation: depth still comes from every
+gene, as SCimilarity computes it, and the model never sees the rest (the study-specific noise a classifier trained
+on one study would otherwise learn). It travels in the checkpoint like the other settings.
+
 Log-normalised input (e.g. an AnnData whose ``.raw`` holds ``log1p(normalize_total(counts))``) is accepted with
 ``input_is_log1p=True``: ``expm1`` recovers per-cell-scaled counts, and because total-count normalisation is
 invariant to a per-cell scale, re-normalising them after alignment gives what SCimilarity would compute from the
@@ -33,13 +38,27 @@ class InvalidExpressionError(ValueError):
 class Preprocessing:
     target_sum: float = 1e4
     input_is_log1p: bool = False
+    #: positions (in the model's gene order, ascending) of the only genes the model sees; None: every gene
+    gene_panel: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["gene_panel"] = None if self.gene_panel is None else list(self.gene_panel)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(target_sum=float(d["target_sum"]), input_is_log1p=bool(d["input_is_log1p"]))
+        panel = d.get("gene_panel")
+        return cls(target_sum=float(d["target_sum"]), input_is_log1p=bool(d["input_is_log1p"]),
+                   gene_panel=None if panel is None else tuple(int(i) for i in panel))
+
+    def panel_mask(self, n_genes: int) -> np.ndarray | None:
+        """Boolean mask over the model's ``n_genes`` genes: the panel (None without one)."""
+        if self.gene_panel is None:
+            return None
+        mask = np.zeros(n_genes, dtype=bool)
+        mask[np.asarray(self.gene_panel, dtype=np.int64)] = True
+        return mask
 
     # -- validation --------------------------------------------------------------------------------------
     def validate(self, values: np.ndarray, where: str = "input") -> None:
@@ -96,11 +115,14 @@ class Preprocessing:
         if self.input_is_log1p:
             np.expm1(X.data, out=X.data)
         totals = np.asarray(X.sum(axis=1)).ravel()
-        empty = np.flatnonzero(~(totals > 0))
+        empty = np.flatnonzero(~self.nonempty_rows(X))
         if empty.size:
             raise EmptyCellError(empty, X.shape[0])
         X.data *= np.repeat(self.target_sum / totals, np.diff(X.indptr))
         np.log1p(X.data, out=X.data)
+        if self.gene_panel is not None:  # after normalising: depth comes from every gene
+            X.data[~self.panel_mask(X.shape[1])[X.indices]] = 0
+            X.eliminate_zeros()
         X = X.astype(np.float32)
         if not np.all(np.isfinite(X.data)):  # unreachable for finite, non-negative input; never hand on NaN
             raise InvalidExpressionError("normalisation produced non-finite values")
@@ -109,8 +131,12 @@ class Preprocessing:
         return torch.from_numpy(X.toarray())
 
     def nonempty_rows(self, aligned: sp.csr_matrix) -> np.ndarray:
-        """Which cells have any expression in the model's genes (the ones :meth:`__call__` accepts)."""
-        totals = np.asarray(aligned.tocsr().astype(np.float64).sum(axis=1)).ravel()
+        """Which cells have any expression in the model's genes, within its panel if it has one (the ones
+        :meth:`__call__` accepts: a cell with nothing in the panel would get a made-up answer)."""
+        X = aligned.tocsr()
+        if self.gene_panel is not None:
+            X = X[:, np.asarray(self.gene_panel, dtype=np.int64)]
+        totals = np.asarray(X.astype(np.float64).sum(axis=1)).ravel()
         return totals > 0
 
 
@@ -123,3 +149,25 @@ class EmptyCellError(InvalidExpressionError):
         which = f"cell {shown}" if n_cells > 1 else "the cell"
         super().__init__(f"{which}: no expression in the model's genes (total 0); such a cell cannot be classified"
                          + (f" ({len(self.rows)} of {n_cells} cells)" if n_cells > 1 else ""))
+
+
+def highly_variable_panel(aligned: sp.csr_matrix, preprocessing: Preprocessing, n_genes: int) -> tuple[int, ...]:
+    """The ``n_genes`` most variable of the model's genes over these cells (positions, ascending): scanpy's
+    ``highly_variable_genes`` (Seurat's normalised dispersion) on the cells normalised exactly as the model sees
+    them. Every gene the cells express is kept when they express no more than ``n_genes``."""
+    import anndata as ad
+    import scanpy as sc
+
+    X = aligned.tocsr().astype(np.float64, copy=True)
+    if preprocessing.input_is_log1p:
+        np.expm1(X.data, out=X.data)
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    X = X[totals > 0]
+    X.data *= np.repeat(preprocessing.target_sum / totals[totals > 0], np.diff(X.indptr))
+    np.log1p(X.data, out=X.data)
+    expressed = np.flatnonzero(np.bincount(X.indices, minlength=X.shape[1]) > 0)
+    if len(expressed) <= n_genes:
+        return tuple(int(i) for i in expressed)
+    a = ad.AnnData(X[:, expressed].astype(np.float32))
+    sc.pp.highly_variable_genes(a, n_top_genes=n_genes, flavor="seurat")
+    return tuple(int(i) for i in expressed[a.var["highly_variable"].to_numpy()])

@@ -7,6 +7,7 @@ then normalised on the fly by :class:`~scimilarity_lora.preprocess.Preprocessing
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Sequence
 
 import anndata as ad
@@ -21,7 +22,7 @@ from scimilarity_lora.data.io import DataError, expression_matrix, gene_names, r
 from scimilarity_lora.genes import align_genes
 from scimilarity_lora.labels import LabelError
 from scimilarity_lora.data.augment import CountAugment
-from scimilarity_lora.preprocess import InvalidExpressionError, Preprocessing
+from scimilarity_lora.preprocess import InvalidExpressionError, Preprocessing, highly_variable_panel
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class AnnDataModule(CellDataModule):
         ontology_key: str | None = None,
         label_to_ontology: dict[str, str] | str | None = None,
         augment: dict | None = None,
+        gene_panel: int | None = None,
         adata: ad.AnnData | None = None,
     ) -> None:
         super().__init__(label_key=label_key, donor_key=donor_key, min_cells_per_class=min_cells_per_class,
@@ -98,6 +100,10 @@ class AnnDataModule(CellDataModule):
         self.path, self.layer = path, layer
         self.gene_symbols_key, self.gene_ids_key = gene_symbols_key, gene_ids_key
         self.augment_config = dict(augment or {})  # checked in setup(), where errors are one line
+        if gene_panel is not None and int(gene_panel) < 1:
+            raise ValueError(f"data.gene_panel must be a number of genes (>= 1) or null, got {gene_panel!r}")
+        #: keep only this many most variable genes of the training cells (None: every gene); see preprocess.py
+        self.gene_panel = None if gene_panel is None else int(gene_panel)
         self._adata: ad.AnnData | None = adata  # in memory (the notebook API), else read from path
         self.visibility: dict = {}
 
@@ -154,6 +160,11 @@ class AnnDataModule(CellDataModule):
         rows, y = self.encode_and_split(adata.obs[self.label_key].to_numpy(dtype=object), groups,
                                         adata.obs_names.to_numpy(), expressed=self.preprocessing.nonempty_rows(aligned))
         aligned = aligned[rows]
+        if self.gene_panel is not None:  # chosen on the training cells only: validation and test stay unseen
+            panel = highly_variable_panel(aligned[self.splits.train], self.preprocessing, self.gene_panel)
+            self.preprocessing = replace(self.preprocessing, gene_panel=panel)
+            log.info("gene panel: the %d most variable of the training cells' genes (data.gene_panel=%d)",
+                     len(panel), self.gene_panel)
         for name, part in self.splits.as_dict().items():
             self.datasets[name] = CellBatchDataset(aligned[part], y[part], self.preprocessing, self.input_format,
                                                    augment=augment if name == "train" else None)
@@ -182,9 +193,12 @@ class AnnDataModule(CellDataModule):
         return {**super().summary(), "gene_visibility": self.visibility}
 
     def seen_genes(self) -> np.ndarray:
-        """Model genes with a non-zero value in at least one training cell (exact: the split is in memory)."""
+        """Model genes with a non-zero value in at least one training cell (exact: the split is in memory), within
+        the gene panel if there is one (the model sees no other gene)."""
         X = self.datasets["train"].X
-        return np.bincount(X.indices[X.data != 0], minlength=X.shape[1]) > 0
+        seen = np.bincount(X.indices[X.data != 0], minlength=X.shape[1]) > 0
+        panel = self.preprocessing.panel_mask(X.shape[1])
+        return seen if panel is None else seen & panel
 
     def _loader(self, split: str, shuffle: bool, rows: np.ndarray | None = None) -> DataLoader:
         dataset = self.datasets[split] if rows is None else Subset(self.datasets[split], rows.tolist())

@@ -1,0 +1,93 @@
+"""The gene panel (``data.gene_panel``): the model sees only the most variable genes of its training cells, chosen
+on them, saved with the model and applied wherever it predicts."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+from helpers import FAST, compose_train
+from scimilarity_lora.preprocess import EmptyCellError, Preprocessing, highly_variable_panel
+
+
+def _counts(seed: int = 0, n_cells: int = 40, n_genes: int = 30) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    return sp.csr_matrix(rng.poisson(rng.gamma(0.5, 2.0, (n_cells, n_genes))).astype(np.float32))
+
+
+def test_a_panel_keeps_its_genes_values_normalised_by_every_genes_depth():
+    X = _counts()
+    X[:, 0] = 3.0  # every cell expresses gene 0, inside the panel
+    X = sp.csr_matrix(X)
+    panel = (0, 2, 5, 7, 11)
+    full = Preprocessing()(X).numpy()
+    masked = Preprocessing(gene_panel=panel)(X).numpy()
+    np.testing.assert_allclose(masked[:, panel], full[:, panel], rtol=1e-6)  # same depth: every gene's total
+    outside = np.setdiff1d(np.arange(X.shape[1]), panel)
+    assert not masked[:, outside].any() and full[:, outside].any()
+    assert Preprocessing.from_dict(json.loads(json.dumps(Preprocessing(gene_panel=panel).to_dict()))).gene_panel == panel
+
+
+def test_a_cell_with_nothing_in_the_panel_is_refused_not_given_a_made_up_answer():
+    X = sp.csr_matrix(np.array([[0, 4, 0, 1], [2, 0, 0, 0]], dtype=np.float32))
+    prep = Preprocessing(gene_panel=(0, 2))
+    assert list(prep.nonempty_rows(X)) == [False, True]
+    with pytest.raises(EmptyCellError, match="cell 0"):
+        prep(X)
+
+
+def test_the_panel_is_scanpys_highly_variable_genes_of_the_normalised_cells():
+    X = _counts(1, n_cells=300, n_genes=200)
+    X[:, 190:] = 0  # never expressed: never chosen
+    X = sp.csr_matrix(X)
+    X.eliminate_zeros()
+    panel = highly_variable_panel(X, Preprocessing(), 50)
+    a = ad.AnnData(X[:, :190].copy())
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    sc.pp.highly_variable_genes(a, n_top_genes=50, flavor="seurat")
+    assert panel == tuple(np.flatnonzero(a.var["highly_variable"].to_numpy()))
+    assert len(panel) == 50 and list(panel) == sorted(panel)
+    assert highly_variable_panel(X, Preprocessing(), 500) == tuple(range(190))  # fewer expressed genes: all of them
+
+
+def test_a_run_with_a_panel_saves_it_and_its_predictions_ignore_every_other_gene(tmp_path, pbmc):
+    from scimilarity_lora.inference.predictor import CellTypePredictor
+    from scimilarity_lora.training.run import run
+
+    out = tmp_path / "run"
+    run(compose_train(FAST + ["data.gene_panel=200"], out))
+    spec = json.loads((out / "model" / "model_config.json").read_text())
+    panel = spec["preprocessing"]["gene_panel"]
+    assert len(panel) == 200 and panel == sorted(panel)
+    # chosen on the training split only: the same genes as the panel of those cells
+    splits = np.loadtxt(out / "splits.csv", delimiter=",", dtype=str, skiprows=1)
+    predictor = CellTypePredictor.load(out / "model")
+    genes = list(predictor.genes)
+    raw = pbmc.raw.to_adata()
+    train = raw[[c for c, s in splits if s == "train"]]
+    aligned = sp.csr_matrix((train.n_obs, len(genes)), dtype=np.float32).tolil()
+    position = {g: i for i, g in enumerate(genes)}
+    cols = [position[g] for g in train.var_names if g in position]
+    aligned[:, cols] = sp.csr_matrix(train.X)[:, [j for j, g in enumerate(train.var_names) if g in position]]
+    assert list(highly_variable_panel(aligned.tocsr(), Preprocessing(input_is_log1p=True), 200)) == panel
+
+    # shuffling each cell's values among the genes outside the panel keeps its depth: no prediction may move
+    X = np.asarray(raw.X.todense() if sp.issparse(raw.X) else raw.X, dtype=np.float32)
+    inside = np.isin([position.get(g, -1) for g in raw.var_names], panel)
+    shuffled = X.copy()
+    rng = np.random.default_rng(0)
+    for row in shuffled:
+        row[~inside] = rng.permutation(row[~inside])
+    before, _ = predictor.predict(X, list(raw.var_names), input_is_log1p=True)
+    after, _ = predictor.predict(shuffled, list(raw.var_names), input_is_log1p=True)
+    np.testing.assert_allclose(after, before, atol=1e-5)
+    # ... while shuffling inside the panel does move them
+    inside_shuffled = X.copy()
+    for row in inside_shuffled:
+        row[inside] = rng.permutation(row[inside])
+    moved, _ = predictor.predict(inside_shuffled, list(raw.var_names), input_is_log1p=True)
+    assert np.abs(moved - before).max() > 1e-3
