@@ -5,7 +5,6 @@ import pytest
 import scipy.sparse as sp
 
 from conftest import make_counts_adata, synthetic_counts
-from helpers import run_train_cli
 from scimilarity_lora.data.anndata import AnnDataModule
 from scimilarity_lora.data.augment import AugmentError, CountAugment
 
@@ -68,6 +67,10 @@ def test_only_the_training_split_is_augmented(tmp_path):
     assert not np.allclose(x_aug.numpy(), x_plain.numpy()) and not plain.active
 
 
-def test_thinning_log1p_input_is_a_one_line_error():
-    r = run_train_cli(["data.augment.downsample_fraction=0.5", "trainer.max_epochs=1"], timeout=300)
-    assert r.returncode == 2 and "thins raw counts" in r.stderr and "Traceback" not in r.stderr
+def test_thinning_log1p_input_keeps_only_gene_dropout_and_says_so(caplog):
+    both = CountAugment(downsample_fraction=0.5, gene_dropout=0.1)
+    with caplog.at_level("WARNING"):
+        on_log1p = both.for_input(input_is_log1p=True)
+    assert on_log1p == CountAugment(downsample_fraction=0.0, gene_dropout=0.1) and on_log1p.active
+    assert "thins raw counts" in caplog.text and "only gene dropout applies" in caplog.text
+    assert both.for_input(input_is_log1p=False) == both  # counts: both apply

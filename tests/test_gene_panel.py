@@ -91,3 +91,20 @@ def test_a_run_with_a_panel_saves_it_and_its_predictions_ignore_every_other_gene
         row[inside] = rng.permutation(row[inside])
     moved, _ = predictor.predict(inside_shuffled, list(raw.var_names), input_is_log1p=True)
     assert np.abs(moved - before).max() > 1e-3
+
+
+def test_data_missing_the_panels_genes_is_refused_with_the_count(tmp_path, pbmc):
+    from scimilarity_lora.genes import GeneAlignmentError
+    from scimilarity_lora.inference.predictor import CellTypePredictor
+    from scimilarity_lora.training.run import run
+
+    out = tmp_path / "run"
+    run(compose_train(FAST + ["data.gene_panel=100", "trainer.max_epochs=1"], out))
+    predictor = CellTypePredictor.load(out / "model")
+    panel_genes = {predictor.genes[i] for i in predictor.preprocessing.gene_panel}
+    raw = pbmc.raw.to_adata()
+    outside = raw[:, [g not in panel_genes for g in raw.var_names]]  # 665 of the model's genes, none it sees
+    with pytest.raises(GeneAlignmentError, match=r"only 0 of the model's 100 panel genes"):
+        predictor.predict(outside.X, list(outside.var_names), input_is_log1p=True, min_overlap=50)
+    probs, _ = predictor.predict(raw.X, list(raw.var_names), input_is_log1p=True, min_overlap=50)
+    assert probs.shape == (raw.n_obs, len(predictor.classes)) and np.isfinite(probs).all()

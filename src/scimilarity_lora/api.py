@@ -76,7 +76,8 @@ def compose(config_name: str, overrides: Sequence[str] = (), run_dir: str | Path
 def fit(adata: "ad.AnnData", label_key: str, *, overrides: Sequence[str] = (),
         run_dir: str | Path | None = None) -> "Run":
     """Fine-tune on ``adata`` (labels in ``adata.obs[label_key]``) with the defaults of ``python train.py data=h5ad``
-    (LoRA on SCimilarity's architecture over its full gene order) and ``overrides`` on top, e.g.
+    (LoRA on SCimilarity's architecture over its full gene order, seeing the 2,000 most variable genes of the
+    training cells: ``data.gene_panel``) and ``overrides`` on top, e.g.
     ``["lora.r=4", "data.layer=counts", "model.pretrained_dir=/path/to/model_v1.1"]``."""
     from omegaconf import open_dict
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One single-run ablation of Study 3 (#22): train this project's default recipe with extra overrides on a task's
-# reference, score it on the task's query (head, no majority voting), print one line.
+# One single-run ablation of Study 3 (#22): train this project's recipe on every gene (data.gene_panel=null, the
+# default when these ablations ran) with extra overrides on a task's reference, score it on the task's query (head,
+# no majority voting), print one line.
 #   TASK=68k|s|3k68|s68 [REFPATH=<reference .h5ad>] bash experiments/cross_study/ablations/run_one.sh NAME [overrides...]
 #   68k: pbmc68k_reduced -> pbmc3k   s: sorted -> pbmc3k   3k68: pbmc3k -> pbmc68k   s68: sorted -> pbmc68k
 # REFPATH replaces the reference file (e.g. one restricted to the query's genes by restrict_genes.py).
@@ -20,7 +21,7 @@ case "${TASK:-68k}" in
 esac
 RUN=outputs/cross_study/ablations/${TASK:-68k}_$name
 rm -rf "$RUN"; mkdir -p "$(dirname "$RUN")"
-$PY train.py data=h5ad $REF trainer.enable_progress_bar=false logger=csv hydra.run.dir=$RUN "$@" > $RUN.train.log 2>&1
+$PY train.py data=h5ad $REF data.gene_panel=null trainer.enable_progress_bar=false logger=csv hydra.run.dir=$RUN "$@" > $RUN.train.log 2>&1
 $PY evaluate.py run_dir=$RUN $Q baselines=false query.majority_voting=false query.name=q > $RUN.eval.log 2>&1
 $PY -c "
 import json; r = json.load(open('$RUN/evaluation/query/q/report.json')); m = json.load(open('$RUN/metrics.json'))

@@ -1,6 +1,6 @@
 """Ablation (#22): an ensemble of the three seeds' adapters, their calibrated probabilities averaged per cell.
 
-    python experiments/cross_study/ablations/seed_ensemble.py [--method lora_default] [--tasks ...]
+    python experiments/cross_study/ablations/seed_ensemble.py [--method lora_all_genes] [--tasks ...]
 
 Reuses Study 3's runs (``outputs/cross_study/study3/work/<task>/<method>/seed{0,1,2}/run``, written by
 ``study3.py``): no training. Each seed's model predicts the task's query (every cell labelled, as ``evaluate``'s
@@ -49,7 +49,7 @@ def scored(labels: np.ndarray, index: pd.Index, work: Path, name: str, ref: dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", default="lora_default")
+    p.add_argument("--method", default="lora_all_genes")
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--real", default=str(REPO.parent / "shared" / "data" / "real"))

@@ -10,16 +10,21 @@ PBMC studies here). Two augmentations, on the training split only, before normal
 
 A cell left without any count keeps its original row. The randomness is a pure function of (seed, the batch's cell
 indices), so a resumed run draws exactly what the uninterrupted one drew. Thinning needs counts: with
-``input_is_log1p`` only gene dropout applies (a clear error says so).
+``input_is_log1p`` only gene dropout applies (a warning says so; ``data=h5ad`` turns both on by default, and a
+log-normalised file must still train).
 """
 
 from __future__ import annotations
 
+import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
+
+
+log = logging.getLogger(__name__)
 
 
 class AugmentError(ValueError):
@@ -46,11 +51,14 @@ class CountAugment:
     def active(self) -> bool:
         return self.downsample_fraction > 0 or self.gene_dropout > 0
 
-    def check(self, input_is_log1p: bool) -> None:
+    def for_input(self, input_is_log1p: bool) -> "CountAugment":
+        """What applies to this input: on log1p values thinning is dropped (it needs counts), with a warning."""
         if input_is_log1p and self.downsample_fraction > 0:
-            raise AugmentError("data.augment.downsample_fraction thins raw counts, but this data is log1p "
-                               "(data.input_is_log1p=true): point data.layer at the counts, or use only "
-                               "data.augment.gene_dropout")
+            log.warning("data.augment.downsample_fraction thins raw counts, but this data is log1p "
+                        "(data.input_is_log1p=true): only gene dropout applies; point data.layer at the counts "
+                        "to thin them, or set data.augment.downsample_fraction=0 to silence this")
+            return replace(self, downsample_fraction=0.0)
+        return self
 
     def __call__(self, X: sp.csr_matrix, indices: np.ndarray) -> sp.csr_matrix:
         """An augmented copy of the batch ``X`` (rows = the cells at ``indices`` of the training split)."""

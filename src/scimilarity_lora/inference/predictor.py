@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scimilarity_lora.genes import GeneAlignment, align_genes, gene_positions, symbol_aliases
+from scimilarity_lora.genes import GeneAlignment, GeneAlignmentError, align_genes, gene_positions, symbol_aliases
 from scimilarity_lora.inference.alignment_cache import AlignmentCache
 from scimilarity_lora.inference.artifact import ModelSpec, read_model_dir
 from scimilarity_lora.inference.calibration import UNKNOWN, Calibration
@@ -67,9 +67,21 @@ class CellTypePredictor:
         gene panel aligns once."""
         key = (tuple(data_genes), tuple(data_gene_ids) if data_gene_ids is not None else None, min_overlap,
                bool(self.spec.gene_aliases), id(self.gene_positions))
-        return self.alignments.get(key, lambda: align_genes(
-            data_genes, self.genes, data_gene_ids=data_gene_ids, min_overlap=min_overlap,
-            model_positions=self.gene_positions, aliases=symbol_aliases() if self.spec.gene_aliases else None))
+
+        def build() -> GeneAlignment:
+            alignment = align_genes(data_genes, self.genes, data_gene_ids=data_gene_ids, min_overlap=min_overlap,
+                                    model_positions=self.gene_positions,
+                                    aliases=symbol_aliases() if self.spec.gene_aliases else None)
+            panel = self.preprocessing.gene_panel
+            if panel is not None:  # the genes the model sees are the panel's: overlap is counted there
+                n = int(np.isin(alignment.target_index, panel).sum())
+                if n < min_overlap:
+                    raise GeneAlignmentError(
+                        f"only {n} of the model's {len(panel)} panel genes (the genes it was trained to see, "
+                        f"data.gene_panel) are in the data, need at least {min_overlap}")
+            return alignment
+
+        return self.alignments.get(key, build)
 
     def featurize(self, X: sp.spmatrix | np.ndarray, alignment: GeneAlignment, input_is_log1p: bool = False,
                   output: str = "dense") -> "torch.Tensor | SparseBatch":
