@@ -21,6 +21,8 @@ keep = ("accuracy", "macro_f1", "balanced_accuracy", "ontology_aware_accuracy", 
 out = {name: {**{k: r[k] for k in keep}, "with_unknown": r["with_unknown"]["head"],
               "with_coarse": {k: r["with_unknown"]["coarse"][k] for k in ("coverage", "accuracy", "fraction_coarse")},
               "majority_voting": {k: r["majority_voting"][k] for k in ("accuracy", "macro_f1", "n_clusters")},
+              "majority_voting_expression": {k: r["majority_voting_expression"][k]
+                                             for k in ("accuracy", "macro_f1", "n_clusters")},
               "labels": {k: v["kind"] for k, v in r["labels"].items()}} for name, r in rows.items()}
 out["train_metrics"] = {k: json.loads((run / "metrics.json").read_text())[k] for k in ("test/accuracy", "test/macro_f1")}
 Path("experiments/cross_study/example_results.json").write_text(json.dumps(
