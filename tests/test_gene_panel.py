@@ -37,6 +37,9 @@ def test_a_cell_with_nothing_in_the_panel_is_refused_not_given_a_made_up_answer(
     assert list(prep.nonempty_rows(X)) == [False, True]
     with pytest.raises(EmptyCellError, match="cell 0"):
         prep(X)
+    # training batches (validate=False): a zero row, so a thinned or odd training cell never stops a run
+    rows = prep(X, validate=False).numpy()
+    assert not rows[0].any() and rows[1, 0] > 0
 
 
 def test_the_panel_is_scanpys_highly_variable_genes_of_the_normalised_cells():

@@ -115,7 +115,9 @@ class Preprocessing:
         if self.input_is_log1p:
             np.expm1(X.data, out=X.data)
         totals = np.asarray(X.sum(axis=1)).ravel()
-        empty = np.flatnonzero(~self.nonempty_rows(X))
+        # a cell with nothing in the panel is refused where answers are given (validate); training batches
+        # (validate=False) keep it as a zero row: a thinned or rare cell must not stop a run
+        empty = np.flatnonzero(~self.nonempty_rows(X) if validate else ~(totals > 0))
         if empty.size:
             raise EmptyCellError(empty, X.shape[0])
         X.data *= np.repeat(self.target_sum / totals, np.diff(X.indptr))

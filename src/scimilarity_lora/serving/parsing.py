@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def gene_error_message(e: GeneAlignmentError, n: int) -> str:
     msg = str(e)
-    if "only 0 of" in msg:
+    if "only 0 of" in msg and "panel genes" not in msg:  # a panel model says which genes it sees itself
         return f"none of the {n} genes in the request are in the model's gene order (symbols expected, e.g. CD3D)"
     return msg
 
