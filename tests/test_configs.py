@@ -140,6 +140,20 @@ def test_own_data_gets_a_base_over_scimilaritys_full_gene_order(tmp_path):
     assert compose_train([], tmp_path / "o").model.pretrained_dir == "packaged:pbmc_demo"
 
 
+def test_own_data_gets_study_3s_recipe_and_the_demo_keeps_its_own(tmp_path):
+    """data=h5ad: the 2,000-gene panel and count augmentation (Study 3's best across studies); the bundled demo
+    trains on all its 765 genes without augmentation; both are one override away."""
+    from helpers import compose_train
+
+    own = compose_train(["data=h5ad", "data.path=cells.h5ad"], tmp_path / "o").data
+    assert own.gene_panel == 2000
+    assert (own.augment.downsample_fraction, own.augment.downsample_min, own.augment.gene_dropout) == (0.5, 0.3, 0.1)
+    demo = compose_train([], tmp_path / "o").data
+    assert demo.gene_panel is None and demo.augment.downsample_fraction == 0 and demo.augment.gene_dropout == 0
+    off = compose_train(["data=h5ad", "data.path=cells.h5ad", "data.gene_panel=null"], tmp_path / "o").data
+    assert off.gene_panel is None
+
+
 def test_dropout_applies_to_a_pretrained_folder(tmp_path):
     from scimilarity_lora.model.folder import load_base
 
