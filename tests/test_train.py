@@ -103,7 +103,7 @@ def test_checkpoint_is_self_contained_and_reproduces_predictions(trained_run, pb
     module.load_trained_weights(out / "model")
     hp = module.hparams
     assert hp["classes"] == sorted(pbmc.obs["bulk_labels"].unique()) and len(hp["gene_order"]) == 765
-    assert hp["preprocessing"] == {"target_sum": 10000.0, "input_is_log1p": False}
+    assert hp["preprocessing"] == {"target_sum": 10000.0, "input_is_log1p": False, "gene_panel": None}
     tracked = [v for k, v in module.state_dict().items() if k.endswith("num_batches_tracked")]
     assert tracked and all(int(v) == 0 for v in tracked)  # the frozen base's BatchNorm never saw a batch
 
