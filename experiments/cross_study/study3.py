@@ -85,7 +85,7 @@ OURS = {
     "lora_augment": ALL_GENES,                      # augmentation alone (every gene)
     "full_finetune": ["finetune=full", *ALL_GENES, *NO_AUGMENT],
     "probe": ["finetune=frozen", *ALL_GENES, *NO_AUGMENT],              # the linear probe on the frozen base
-    "lora_packaged_base": ["model=demo_base", *ALL_GENES, *NO_AUGMENT],  # vocabulary: the pretrained 748-gene demo base
+    "lora_packaged_base": ["model=demo_base", *ALL_GENES, *NO_AUGMENT],  # the pretrained 748-gene demo base
     "lora_pretrained_28k": [f"model.pretrained_dir={PRETRAINED_28K}", *ALL_GENES, *NO_AUGMENT],  # pretrained, full order
     "full_augment": ["finetune=full", *AUGMENT, *ALL_GENES],
     "lora_pretrained_28k_augment": [f"model.pretrained_dir={PRETRAINED_28K}", *AUGMENT, *ALL_GENES],

@@ -109,19 +109,16 @@ class Preprocessing:
         over- or underflows float32. A cell with no expression in the model's genes has no composition to
         normalise and is refused (:class:`EmptyCellError`, naming the cells): it must never get a made-up label.
         """
-        X = aligned.tocsr().astype(np.float64, copy=True)
         if validate:
-            self.validate(X.data)
-        if self.input_is_log1p:
-            np.expm1(X.data, out=X.data)
+            self.validate(aligned.tocsr().data)
+        X = self._counts(aligned)
         totals = np.asarray(X.sum(axis=1)).ravel()
         # a cell with nothing in the panel is refused where answers are given (validate); training batches
         # (validate=False) keep it as a zero row: a thinned or rare cell must not stop a run
         empty = np.flatnonzero(~self.nonempty_rows(X) if validate else ~(totals > 0))
         if empty.size:
             raise EmptyCellError(empty, X.shape[0])
-        X.data *= np.repeat(self.target_sum / totals, np.diff(X.indptr))
-        np.log1p(X.data, out=X.data)
+        self._log_normalise(X, totals)
         if self.gene_panel is not None:  # after normalising: depth comes from every gene
             X.data[~self.panel_mask(X.shape[1])[X.indices]] = 0
             X.eliminate_zeros()
@@ -131,6 +128,18 @@ class Preprocessing:
         if output == "sparse" or (output == "auto" and choose_sparse(X)):
             return SparseBatch.from_csr(X)
         return torch.from_numpy(X.toarray())
+
+    def _counts(self, aligned: sp.csr_matrix) -> sp.csr_matrix:
+        """A float64 copy on the counts scale (``expm1`` of log1p input: per-cell-scaled counts)."""
+        X = aligned.tocsr().astype(np.float64, copy=True)
+        if self.input_is_log1p:
+            np.expm1(X.data, out=X.data)
+        return X
+
+    def _log_normalise(self, X: sp.csr_matrix, totals: np.ndarray) -> None:
+        """In place: each row scaled to ``target_sum`` by its total, then log1p (rows with a total > 0)."""
+        X.data *= np.repeat(self.target_sum / totals, np.diff(X.indptr))
+        np.log1p(X.data, out=X.data)
 
     def nonempty_rows(self, aligned: sp.csr_matrix) -> np.ndarray:
         """Which cells have any expression in the model's genes, within its panel if it has one (the ones
@@ -160,13 +169,10 @@ def highly_variable_panel(aligned: sp.csr_matrix, preprocessing: Preprocessing, 
     import anndata as ad
     import scanpy as sc
 
-    X = aligned.tocsr().astype(np.float64, copy=True)
-    if preprocessing.input_is_log1p:
-        np.expm1(X.data, out=X.data)
+    X = preprocessing._counts(aligned)
     totals = np.asarray(X.sum(axis=1)).ravel()
     X = X[totals > 0]
-    X.data *= np.repeat(preprocessing.target_sum / totals[totals > 0], np.diff(X.indptr))
-    np.log1p(X.data, out=X.data)
+    preprocessing._log_normalise(X, totals[totals > 0])
     expressed = np.flatnonzero(np.bincount(X.indices, minlength=X.shape[1]) > 0)
     if len(expressed) <= n_genes:
         return tuple(int(i) for i in expressed)

@@ -123,7 +123,8 @@ class AnnDataModule(CellDataModule):
         if self.datasets:
             return
         gene_order = self._require_gene_order()
-        augment = CountAugment(**{"seed": self.seed, **self.augment_config}).for_input(self.preprocessing.input_is_log1p)
+        augment = CountAugment(**{"seed": self.seed, **self.augment_config})
+        augment = augment.for_input(self.preprocessing.input_is_log1p)
         adata = self.adata
         if self.label_key not in adata.obs.columns:
             raise LabelError(

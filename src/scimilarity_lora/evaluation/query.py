@@ -188,7 +188,8 @@ def score(predictor: CellTypePredictor, labels: np.ndarray, result, matches: dic
         clusters = over_cluster(np.where(result.expressed[:, None], result.embeddings, np.nan), seed=seed)
         report["majority_voting"] = _voted(y, best, result.expressed, matched, clusters, classes)
     if expression_clusters is not None and matched.sum() >= 3:
-        report["majority_voting_expression"] = _voted(y, best, result.expressed, matched, expression_clusters, classes)
+        report["majority_voting_expression"] = _voted(y, best, result.expressed, matched, expression_clusters,
+                                                      classes)
     return report
 
 

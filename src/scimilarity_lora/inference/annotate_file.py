@@ -41,7 +41,8 @@ SOMA_CHUNK_CELLS = 16_384
 def annotate_file(input_path: str | Path, output_path: str | Path, model: str | Path | CellTypePredictor, *,
                   layer: str | None = None, gene_symbols_key: str | None = None, chunk_cells: int = CHUNK_CELLS,
                   progress: bool = False, majority_voting: bool = False, over_clustering: str | None = None,
-                  vote_on: str = "embedding", seed: int = 0, key_added: str = "scimilarity_lora", obs_filter: str | None = None,
+                  vote_on: str = "embedding", seed: int = 0, key_added: str = "scimilarity_lora",
+                  obs_filter: str | None = None,
                   **options: Any) -> dict[str, Any]:
     """Write ``output_path``: the input file with the columns :func:`.annotate.annotate` adds (same keyword
     options), computed ``chunk_cells`` rows at a time. Returns the ``uns[key_added]`` summary.
