@@ -74,3 +74,14 @@ def test_thinning_log1p_input_keeps_only_gene_dropout_and_says_so(caplog):
     assert on_log1p == CountAugment(downsample_fraction=0.0, gene_dropout=0.1) and on_log1p.active
     assert "thins raw counts" in caplog.text and "only gene dropout applies" in caplog.text
     assert both.for_input(input_is_log1p=False) == both  # counts: both apply
+
+
+def test_a_log1p_file_asked_to_thin_trains_with_gene_dropout_only(caplog, pbmc):
+    """data=h5ad asks for thinning by default: a log-normalised file must still train, the thinning dropped."""
+    dm = AnnDataModule(path="pbmc68k_reduced", label_key="bulk_labels", layer="raw", input_is_log1p=True,
+                       augment={"downsample_fraction": 0.5, "gene_dropout": 0.1})
+    dm.gene_order = list(pbmc.raw.var_names)
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    assert dm.datasets["train"].augment == CountAugment(downsample_fraction=0.0, gene_dropout=0.1, seed=dm.seed)
+    assert "only gene dropout applies" in caplog.text

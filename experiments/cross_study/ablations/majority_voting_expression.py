@@ -6,7 +6,10 @@ scaled, 50 PCs, 10 neighbours, CellTypist's resolution rule) instead of the mode
 
 Annotates QUERY with the run (``annotate --force-labels --majority-voting --over-clustering expr_clusters``) and
 prints accuracy, macro-F1 and balanced accuracy per cell and after the vote, scored by score_predictions.py.
-``raw``: the query is pbmc68k_reduced-like (log-normalised ``.raw``)."""
+``raw``: the query is pbmc68k_reduced-like (log-normalised ``.raw``). The clusters are the product's
+(``majority.expression_clusters``, also ``annotate --vote-on expression``); the single-run figures in
+``results.json`` came from this script's former inline copy of the same recipe (unseeded Leiden), before Study 3's
+three-seed rows (``+majority_voting_expression``) measured it through ``evaluate``."""
 import json
 import subprocess
 import sys
@@ -16,25 +19,9 @@ import anndata as ad
 import pandas as pd
 import scanpy as sc
 
-from scimilarity_lora.inference.majority import leiden_resolution
+from scimilarity_lora.inference.majority import expression_clusters
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-def expression_clusters(query: ad.AnnData, is_log1p: bool) -> pd.Series:
-    """Leiden clusters of the query's own log-normalised expression, as CellTypist over-clusters."""
-    e = query.copy()
-    if not is_log1p:
-        sc.pp.normalize_total(e, target_sum=1e4)
-        sc.pp.log1p(e)
-    sc.pp.highly_variable_genes(e, n_top_genes=min(2000, e.n_vars - 1))
-    e = e[:, e.var.highly_variable].copy()
-    sc.pp.scale(e, max_value=10)
-    sc.tl.pca(e, n_comps=50)
-    sc.pp.neighbors(e, n_neighbors=10)
-    sc.tl.leiden(e, resolution=leiden_resolution(e.n_obs), flavor="igraph", n_iterations=2, directed=False,
-                 key_added="oc")
-    return e.obs["oc"]
 
 
 def main() -> None:
@@ -43,7 +30,7 @@ def main() -> None:
     q = sc.datasets.pbmc68k_reduced() if query == "pbmc68k_reduced" else ad.read_h5ad(query)
     if is_log1p:
         q = q.raw.to_adata()
-    q.obs["expr_clusters"] = expression_clusters(q, is_log1p).to_numpy()
+    q.obs["expr_clusters"] = expression_clusters(q.X, is_log1p)
     q.write_h5ad(out + ".in.h5ad")
     subprocess.run([sys.executable, "-m", "scimilarity_lora.inference.annotate", run, out + ".in.h5ad", out + ".h5ad",
                     "--force-labels", "--majority-voting", "--over-clustering", "expr_clusters",
