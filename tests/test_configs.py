@@ -146,7 +146,7 @@ def test_own_data_gets_study_3s_recipe_and_the_demo_keeps_its_own(tmp_path):
     from helpers import compose_train
 
     own = compose_train(["data=h5ad", "data.path=cells.h5ad"], tmp_path / "o").data
-    assert own.gene_panel == 2000
+    assert own.gene_panel == 2000 and own.gene_panel_method == "variable"
     assert (own.augment.downsample_fraction, own.augment.downsample_min, own.augment.gene_dropout) == (0.5, 0.3, 0.1)
     demo = compose_train([], tmp_path / "o").data
     assert demo.gene_panel is None and demo.augment.downsample_fraction == 0 and demo.augment.gene_dropout == 0

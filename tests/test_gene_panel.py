@@ -10,7 +10,7 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from helpers import FAST, compose_train
-from scimilarity_lora.preprocess import EmptyCellError, Preprocessing, highly_variable_panel
+from scimilarity_lora.preprocess import EmptyCellError, Preprocessing, highly_variable_panel, marker_panel
 
 
 def _counts(seed: int = 0, n_cells: int = 40, n_genes: int = 30) -> sp.csr_matrix:
@@ -56,6 +56,37 @@ def test_the_panel_is_scanpys_highly_variable_genes_of_the_normalised_cells():
     assert panel == tuple(np.flatnonzero(a.var["highly_variable"].to_numpy()))
     assert len(panel) == 50 and list(panel) == sorted(panel)
     assert highly_variable_panel(X, Preprocessing(), 500) == tuple(range(190))  # fewer expressed genes: all of them
+
+
+def test_the_marker_panel_gives_every_pair_of_classes_its_genes_a_rare_class_included():
+    """Three classes: 'a' (200 cells) marked by gene 0, 'b' (200) by gene 1, 'rare' (6 cells) by gene 2; gene 3 is
+    the most variable gene, in every class alike (a label-blind programme): not a marker of any pair."""
+    rng = np.random.default_rng(0)
+    labels = np.array(["a"] * 200 + ["b"] * 200 + ["rare"] * 6)
+    X = rng.poisson(2.0, (len(labels), 40)).astype(np.float32)
+    X[:, 3] = rng.choice([0, 200], size=len(labels))
+    for gene, label in enumerate(["a", "b", "rare"]):
+        X[labels == label, gene] += 30
+    X = sp.csr_matrix(X)
+    panel = marker_panel(X, labels, Preprocessing(), 3)
+    assert panel == (0, 1, 2)
+    logged = np.log1p(X.multiply(1e4 / X.sum(axis=1)).toarray())
+    assert logged.var(axis=0).argmax() == 3
+    wider = marker_panel(X, labels, Preprocessing(), 10)
+    assert len(wider) == 10 and set(panel) <= set(wider) and list(wider) == sorted(wider)
+    with pytest.raises(ValueError, match="at least two classes"):
+        marker_panel(X, np.array(["a"] * len(labels)), Preprocessing(), 3)
+
+
+def test_a_run_with_a_marker_panel_chooses_it_on_the_training_cells_labels(tmp_path, pbmc):
+    from scimilarity_lora.training.run import run
+
+    out = tmp_path / "run"
+    run(compose_train(FAST + ["data.gene_panel=150", "data.gene_panel_method=markers", "trainer.max_epochs=1"], out))
+    panel = json.loads((out / "model" / "model_config.json").read_text())["preprocessing"]["gene_panel"]
+    assert len(panel) == 150 and panel == sorted(panel)
+    with pytest.raises(Exception, match="gene_panel_method must be one of"):
+        run(compose_train(FAST + ["data.gene_panel=150", "data.gene_panel_method=hvg"], tmp_path / "bad"))
 
 
 def test_a_run_with_a_panel_saves_it_and_its_predictions_ignore_every_other_gene(tmp_path, pbmc):

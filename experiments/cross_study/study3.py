@@ -81,6 +81,10 @@ OURS = {
     "lora_default": [],        # data=h5ad's defaults: LoRA r=8 on a random stand-in over the 28,231 genes, seeing
                                # the reference's 2,000 most variable genes, trained on thinned cells with gene dropout
     "lora_panel": NO_AUGMENT,                       # the gene panel alone
+    "lora_markers": ["data.gene_panel_method=markers"],  # the default with a marker panel (SingleR's pairs)
+    "lora_panel1000": ["data.gene_panel=1000"],           # the default with a smaller panel
+    "lora_dropout03": ["data.augment.gene_dropout=0.3"],  # the default with stronger gene dropout
+    "lora_train84": ["data.test_fraction=0.01"],          # the default training on 84% of the reference, not 70%
     "lora_all_genes": [*ALL_GENES, *NO_AUGMENT],    # every gene, no augmentation (the default before #22's change)
     "lora_augment": ALL_GENES,                      # augmentation alone (every gene)
     "full_finetune": ["finetune=full", *ALL_GENES, *NO_AUGMENT],

@@ -22,9 +22,13 @@ from scimilarity_lora.data.io import DataError, expression_matrix, gene_names, r
 from scimilarity_lora.genes import align_genes
 from scimilarity_lora.labels import LabelError
 from scimilarity_lora.data.augment import CountAugment
-from scimilarity_lora.preprocess import InvalidExpressionError, Preprocessing, highly_variable_panel
+from scimilarity_lora.preprocess import InvalidExpressionError, Preprocessing, highly_variable_panel, marker_panel
 
 log = logging.getLogger(__name__)
+
+#: how ``data.gene_panel`` genes are chosen on the training cells (preprocess.py)
+PANEL_METHODS = {"variable": "the most variable (scanpy's Seurat dispersion)",
+                 "markers": "the markers of each pair of classes (SingleR's choice)"}
 
 
 class CellBatchDataset(Dataset):
@@ -88,6 +92,7 @@ class AnnDataModule(CellDataModule):
         label_to_ontology: dict[str, str] | str | None = None,
         augment: dict | None = None,
         gene_panel: int | None = None,
+        gene_panel_method: str = "variable",
         adata: ad.AnnData | None = None,
     ) -> None:
         super().__init__(label_key=label_key, donor_key=donor_key, min_cells_per_class=min_cells_per_class,
@@ -104,6 +109,9 @@ class AnnDataModule(CellDataModule):
             raise ValueError(f"data.gene_panel must be a number of genes (>= 1) or null, got {gene_panel!r}")
         #: keep only this many most variable genes of the training cells (None: every gene); see preprocess.py
         self.gene_panel = None if gene_panel is None else int(gene_panel)
+        if gene_panel_method not in PANEL_METHODS:
+            raise ValueError(f"data.gene_panel_method must be one of {sorted(PANEL_METHODS)}, got {gene_panel_method!r}")
+        self.gene_panel_method = gene_panel_method
         self._adata: ad.AnnData | None = adata  # in memory (the notebook API), else read from path
         self.visibility: dict = {}
 
@@ -161,10 +169,14 @@ class AnnDataModule(CellDataModule):
                                         adata.obs_names.to_numpy(), expressed=self.preprocessing.nonempty_rows(aligned))
         aligned = aligned[rows]
         if self.gene_panel is not None:  # chosen on the training cells only: validation and test stay unseen
-            panel = highly_variable_panel(aligned[self.splits.train], self.preprocessing, self.gene_panel)
+            train = self.splits.train
+            if self.gene_panel_method == "markers":
+                panel = marker_panel(aligned[train], y[train], self.preprocessing, self.gene_panel)
+            else:
+                panel = highly_variable_panel(aligned[train], self.preprocessing, self.gene_panel)
             self.preprocessing = replace(self.preprocessing, gene_panel=panel)
-            log.info("gene panel: the %d most variable of the training cells' genes (data.gene_panel=%d)",
-                     len(panel), self.gene_panel)
+            log.info("gene panel: %d of the training cells' genes, %s (data.gene_panel=%d)", len(panel),
+                     PANEL_METHODS[self.gene_panel_method], self.gene_panel)
         for name, part in self.splits.as_dict().items():
             self.datasets[name] = CellBatchDataset(aligned[part], y[part], self.preprocessing, self.input_format,
                                                    augment=augment if name == "train" else None)
