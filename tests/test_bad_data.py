@@ -47,6 +47,17 @@ def test_an_empty_split_is_refused():
         split_cells(np.zeros(10, dtype=int), val_fraction=0.5, test_fraction=0.5)
 
 
+def test_a_split_too_small_for_every_class_names_the_setting_and_the_fraction_that_works():
+    labels = np.repeat(np.arange(10), 70)  # 700 cells, 10 classes (pbmc68k_reduced's shape)
+    with pytest.raises(SplitError, match=r"data.test_fraction=0.01 gives 7 test cells of 700 for 10 classes.*"
+                                         r"data.test_fraction=0.015 or more"):
+        split_cells(labels, test_fraction=0.01)
+    splits = split_cells(labels, test_fraction=0.015)  # the fraction named works, every class in every split
+    assert all(len(np.unique(labels[part])) == 10 for part in splits.as_dict().values())
+    with pytest.raises(SplitError, match="data.val_fraction=0.005"):
+        split_cells(labels, val_fraction=0.005)
+
+
 def test_duplicated_gene_names(tmp_path):
     adata = make_counts_adata()
     adata.var_names = ["GENE0"] + list(adata.var_names[1:-1]) + ["GENE0"]

@@ -52,6 +52,8 @@ def split_cells(
         train = idx[~np.isin(groups, list(test_d | val_d))]
     else:
         stratify = labels if np.min(np.unique(labels, return_counts=True)[1]) >= 3 else None
+        if stratify is not None:
+            _check_stratifiable(n, len(np.unique(labels)), val_fraction, test_fraction)
         rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=stratify)
         rel_val = val_fraction / (1 - test_fraction)
         strat_rest = labels[rest] if stratify is not None else None
@@ -61,6 +63,18 @@ def split_cells(
         if len(part) == 0:
             raise SplitError(f"the {name} split is empty ({n} cells); use more data or other fractions")
     return splits
+
+
+def _check_stratifiable(n: int, n_classes: int, val_fraction: float, test_fraction: float) -> None:
+    """A split stratified by label holds every class at least once: refuse fractions too small for that, naming
+    the smallest that works (scikit-learn's own error names neither the setting nor the fix)."""
+    n_test = int(np.ceil(test_fraction * n))
+    n_val = int(np.ceil(val_fraction / (1 - test_fraction) * (n - n_test)))
+    for name, size, fraction in (("test", n_test, test_fraction), ("val", n_val, val_fraction)):
+        if size < n_classes:
+            raise SplitError(f"data.{name}_fraction={fraction:g} gives {size} {name} cells of {n} for {n_classes} "
+                             f"classes, and a split stratified by label needs one cell of each: use "
+                             f"data.{name}_fraction={np.ceil(1000 * n_classes / n) / 1000:g} or more")
 
 
 def uniform_sample(n: int, limit: int | None, seed: int) -> np.ndarray:
