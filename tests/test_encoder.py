@@ -233,33 +233,3 @@ def test_the_base_store_keeps_one_copy_per_weights_even_with_concurrent_writers(
     assert state_dict_hash(loaded.state_dict()) == sha and loaded_genes == genes
     other = store_base_folder(Encoder(30, 4, (8,)), genes, tmp_path / "store")
     assert other != folders.pop() and len(list((tmp_path / "store").iterdir())) == 2
-
-
-def test_calibrating_batchnorm_sets_each_layers_statistics_to_the_datas_and_nothing_else():
-    """A stand-in's BatchNorm statistics are the defaults (0, 1) that no data has; calibration makes them the
-    inputs' (dropout off, each layer after the ones before it), in one pass, dense or sparse alike."""
-    import scipy.sparse as sp
-    from scimilarity_lora.model.sparse import SparseBatch
-
-    torch.manual_seed(0)
-    enc = Encoder(50, 8, (16, 12), dropout=0.5, input_dropout=0.4)
-    weights = {k: v.clone() for k, v in enc.state_dict().items() if "running" not in k and "num_batches" not in k}
-    x = torch.rand(300, 50) * 3
-    n = enc.calibrate_batchnorm([x[:128], x[128:256], x[256:], x[:1]])  # a one-cell batch is skipped
-    assert n == 300 and enc.training  # the mode it was in
-    h1 = enc.network[0][1](x)
-    first, second = enc.network[0][2], enc.network[1][2]
-    # cumulative average of per-batch means (equal weight per batch, as BatchNorm's momentum=None does)
-    expected = torch.stack([h1[:128].mean(0), h1[128:256].mean(0), h1[256:].mean(0)]).mean(0)
-    torch.testing.assert_close(first.running_mean, expected, rtol=1e-4, atol=1e-5)
-    assert first.momentum == 0.1 and not torch.allclose(second.running_var, torch.ones(12))
-    enc.eval()
-    h2 = enc.network[1][1](enc.network[0](x))  # the second layer sees the first already calibrated
-    # (within a tenth of a unit's spread: in the pass, the first layer normalised with each batch's own statistics)
-    assert float(h2.mean(0).sub(second.running_mean).abs().max()) < 0.1 * float(h2.std())
-    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in weights.items())
-    # the sparse path gives the same statistics
-    sparse = Encoder(50, 8, (16, 12), dropout=0.5, input_dropout=0.4)
-    sparse.load_state_dict(enc.state_dict())
-    sparse.calibrate_batchnorm([SparseBatch.from_csr(sp.csr_matrix(b.numpy())) for b in (x[:128], x[128:256], x[256:])])
-    torch.testing.assert_close(sparse.network[0][2].running_mean, first.running_mean, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import anndata as ad
 import numpy as np
@@ -21,7 +21,6 @@ from scimilarity_lora.data.resumable import ResumableDataLoader, ResumableSample
 from scimilarity_lora.data.io import DataError, expression_matrix, gene_names, read_anndata, validate_matrix
 from scimilarity_lora.genes import align_genes
 from scimilarity_lora.labels import LabelError
-from scimilarity_lora.model.sparse import SparseBatch
 from scimilarity_lora.data.augment import CountAugment
 from scimilarity_lora.preprocess import InvalidExpressionError, Preprocessing, highly_variable_panel, marker_panel
 
@@ -181,12 +180,6 @@ class AnnDataModule(CellDataModule):
         for name, part in self.splits.as_dict().items():
             self.datasets[name] = CellBatchDataset(aligned[part], y[part], self.preprocessing, self.input_format,
                                                    augment=augment if name == "train" else None)
-
-    def calibration_batches(self) -> Iterator[torch.Tensor | SparseBatch]:
-        """The training cells as the model sees them, without augmentation, in training-sized batches."""
-        train = self.datasets["train"]
-        for s in range(0, len(train), self.batch_size):
-            yield train.preprocessing(train.X[s:s + self.batch_size], validate=False, output=train.input_format)
 
     def _report_visibility(self, genes: list[str], ids: list[str] | None) -> None:
         """Log what share of the file the base sees; loudly when it is under half of the counts, with what

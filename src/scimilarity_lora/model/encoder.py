@@ -8,7 +8,6 @@ The architecture reproduces ``scimilarity.nn_models.Encoder`` (scimilarity 0.4.1
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -89,33 +88,6 @@ class Encoder(nn.Module):
         if not linear.weight.t().is_contiguous():
             linear.weight.data = linear.weight.detach().t().contiguous().t()
         return self
-
-    @torch.no_grad()
-    def calibrate_batchnorm(self, batches: Iterable[torch.Tensor | SparseBatch]) -> int:
-        """Set every BatchNorm layer's running statistics to those of these inputs (dropout off), in one pass;
-        returns the number of cells seen.
-
-        A pretrained SCimilarity encoder's statistics are those of the cells it was trained on; a randomly
-        initialised stand-in's are the defaults (mean 0, variance 1), which no data has. Calibrating the stand-in on
-        the training cells before fine-tuning gives it what the real base has: hidden units normalised by the data.
-        Weights are unchanged; each layer sees the layers before it already calibrated (a cumulative average)."""
-        norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm1d)]
-        was_training = self.training
-        self.eval()
-        for norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None
-            norm.train()
-        n = 0
-        for x in batches:
-            rows = x.shape[0]
-            if rows > 1:
-                self(x)
-                n += rows
-        for norm in norms:
-            norm.momentum = 0.1
-        self.train(was_training)
-        return n
 
     def forward(self, x: "torch.Tensor | SparseBatch") -> torch.Tensor:
         layers = iter(self.network)

@@ -78,20 +78,6 @@ def build_base(cfg: DictConfig, datamodule: Any) -> BaseModel:
         **arch, data_genes=datamodule.data_genes() if needs_data_genes else None)
 
 
-def calibrate_stand_in(base: BaseModel, datamodule: Any) -> None:
-    """``model.calibrate_batchnorm``: a random stand-in's BatchNorm statistics from the training cells (see
-    :meth:`Encoder.calibrate_batchnorm`); a pretrained base keeps the statistics it was trained with."""
-    if base.is_pretrained:
-        log.info("model.calibrate_batchnorm: a pretrained base keeps its own BatchNorm statistics")
-        return
-    batches = getattr(datamodule, "calibration_batches", None)
-    if batches is None:
-        raise ValueError("model.calibrate_batchnorm needs the training cells in memory (data=h5ad or the demo), "
-                         f"not {type(datamodule).__name__}")
-    n = base.encoder.calibrate_batchnorm(batches())
-    log.info("stand-in base: BatchNorm statistics calibrated on %d training cells", n)
-
-
 def base_identity(base: BaseModel, base_store: str | None = None) -> dict[str, Any]:
     """What identifies the base: its weights' hash, and where to reload it: a pretrained folder's absolute path
     (a packaged base keeps its ``packaged:<name>``, valid wherever the package is installed), a stand-in's folder
@@ -171,13 +157,11 @@ def run(cfg: DictConfig, adata: Any = None) -> float | None:
 
     datamodule = instantiate(cfg.data, **({"adata": adata} if adata is not None else {}))
     base = build_base(cfg, datamodule)
+    identity = base_identity(base, cfg.paths.get("base_store"))
     if finetune.mode == "lora":
         resolve_target_modules(finetune.target_modules, base.encoder.config)
     datamodule.gene_order = base.genes
     datamodule.setup("fit")
-    if cfg.model.get("calibrate_batchnorm"):
-        calibrate_stand_in(base, datamodule)
-    identity = base_identity(base, cfg.paths.get("base_store"))
 
     extra: dict[str, Any] = {}
     if cfg.model.class_weights:
