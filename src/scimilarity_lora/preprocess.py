@@ -189,9 +189,9 @@ def marker_panel(aligned: sp.csr_matrix, labels: np.ndarray, preprocessing: Prep
     cells); the panel is the union of each pair's top k, k grown until it holds ``n_genes``.
 
     Pairs, not one class against the rest: every pair of classes, a rare one included (an 8-cell naive CD4 T class
-    beside 240 dendritic cells), gets the genes that tell it apart. Study 3 (seed 0) found it the best panel within
-    a study and below the most variable genes across studies (a label's markers include the reference study's own
-    differences between its sorts), so :func:`highly_variable_panel` stays the default."""
+    beside 240 dendritic cells), gets the genes that tell it apart. Study 3 (three seeds) found it the best panel
+    within a study and slightly below the most variable genes across studies (a label's markers include what the
+    reference's own sorts and runs differ by), so :func:`highly_variable_panel` stays the default."""
     X = preprocessing._counts(aligned)
     totals = np.asarray(X.sum(axis=1)).ravel()
     keep = totals > 0
