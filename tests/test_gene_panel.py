@@ -78,13 +78,29 @@ def test_the_marker_panel_gives_every_pair_of_classes_its_genes_a_rare_class_inc
         marker_panel(X, np.array(["a"] * len(labels)), Preprocessing(), 3)
 
 
+def _training_cells(out, pbmc, genes):
+    """The run's training split (its splits.csv) of the demo's cells, aligned to ``genes``, and their labels."""
+    splits = np.loadtxt(out / "splits.csv", delimiter=",", dtype=str, skiprows=1)
+    raw = pbmc.raw.to_adata()
+    train = raw[[c for c, s in splits if s == "train"]]
+    position = {g: i for i, g in enumerate(genes)}
+    aligned = sp.csr_matrix((train.n_obs, len(genes)), dtype=np.float32).tolil()
+    cols = [position[g] for g in train.var_names if g in position]
+    aligned[:, cols] = sp.csr_matrix(train.X)[:, [j for j, g in enumerate(train.var_names) if g in position]]
+    return aligned.tocsr(), pbmc.obs.loc[train.obs_names, "bulk_labels"].astype(str).to_numpy()
+
+
 def test_a_run_with_a_marker_panel_chooses_it_on_the_training_cells_labels(tmp_path, pbmc):
+    from scimilarity_lora.inference.predictor import CellTypePredictor
     from scimilarity_lora.training.run import run
 
     out = tmp_path / "run"
     run(compose_train(FAST + ["data.gene_panel=150", "data.gene_panel_method=markers", "trainer.max_epochs=1"], out))
     panel = json.loads((out / "model" / "model_config.json").read_text())["preprocessing"]["gene_panel"]
-    assert len(panel) == 150 and panel == sorted(panel)
+    aligned, labels = _training_cells(out, pbmc, CellTypePredictor.load(out / "model").genes)
+    prep = Preprocessing(input_is_log1p=True)
+    assert panel == list(marker_panel(aligned, labels, prep, 150))  # the training labels' markers ...
+    assert panel != list(highly_variable_panel(aligned, prep, 150))  # ... not the variable genes
     with pytest.raises(Exception, match="gene_panel_method must be one of"):
         run(compose_train(FAST + ["data.gene_panel=150", "data.gene_panel_method=hvg"], tmp_path / "bad"))
 
@@ -99,16 +115,12 @@ def test_a_run_with_a_panel_saves_it_and_its_predictions_ignore_every_other_gene
     panel = spec["preprocessing"]["gene_panel"]
     assert len(panel) == 200 and panel == sorted(panel)
     # chosen on the training split only: the same genes as the panel of those cells
-    splits = np.loadtxt(out / "splits.csv", delimiter=",", dtype=str, skiprows=1)
     predictor = CellTypePredictor.load(out / "model")
     genes = list(predictor.genes)
+    aligned, _ = _training_cells(out, pbmc, genes)
+    assert list(highly_variable_panel(aligned, Preprocessing(input_is_log1p=True), 200)) == panel
     raw = pbmc.raw.to_adata()
-    train = raw[[c for c, s in splits if s == "train"]]
-    aligned = sp.csr_matrix((train.n_obs, len(genes)), dtype=np.float32).tolil()
     position = {g: i for i, g in enumerate(genes)}
-    cols = [position[g] for g in train.var_names if g in position]
-    aligned[:, cols] = sp.csr_matrix(train.X)[:, [j for j, g in enumerate(train.var_names) if g in position]]
-    assert list(highly_variable_panel(aligned.tocsr(), Preprocessing(input_is_log1p=True), 200)) == panel
 
     # shuffling each cell's values among the genes outside the panel keeps its depth: no prediction may move
     X = np.asarray(raw.X.todense() if sp.issparse(raw.X) else raw.X, dtype=np.float32)

@@ -120,7 +120,7 @@ def run_ours(task: str, method: str, seed: int, ref: dict, query: dict, work: Pa
     run_dir = work / "run"
     cost = timed([sys.executable, "train.py", "data=h5ad", f"data.path={ref['path']}", f"data.label_key={ref['label']}",
                   f"data.layer={ref['layer']}", f"data.input_is_log1p={str(ref['log1p']).lower()}",
-                  f"data.label_to_ontology={ref['map']}", f"seed={seed}", *OURS[method],  # thinning on a log1p reference: dropped by training, with a warning
+                  f"data.label_to_ontology={ref['map']}", f"seed={seed}", *OURS[method],
                   "trainer.enable_progress_bar=false", "logger=csv", f"hydra.run.dir={run_dir}"], work / "train.log")
     def build(index: Path, *extra: str) -> dict:
         return timed([sys.executable, "-m", "scimilarity_lora.inference.reference", "build", str(run_dir), ref["path"],

@@ -203,16 +203,17 @@ def marker_panel(aligned: sp.csr_matrix, labels: np.ndarray, preprocessing: Prep
     onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(classes), len(codes)))
     means = np.asarray((onehot @ X).todense()) / np.bincount(codes)[:, None]  # classes x genes
     n_total = means.shape[1]
-    best_rank = np.full(n_total, np.iinfo(np.int64).max, dtype=np.int64)
+    never = np.iinfo(np.int64).max  # the rank of a gene no pair puts higher in its first class
+    best_rank = np.full(n_total, never, dtype=np.int64)
     best_gap = np.zeros(n_total)
     for a in range(len(classes)):
         gaps = means[a][None, :] - np.delete(means, a, axis=0)  # (classes - 1) x genes: a above each other
         order = np.argsort(-gaps, axis=1, kind="stable")
         ranks = np.empty_like(order)
         np.put_along_axis(ranks, order, np.arange(n_total)[None, :], axis=1)
-        ranks = np.where(gaps > 0, ranks, np.iinfo(np.int64).max)  # only genes higher in a count for a
+        ranks = np.where(gaps > 0, ranks, never)  # only genes higher in a count for a
         best_rank = np.minimum(best_rank, ranks.min(axis=0))
         best_gap = np.maximum(best_gap, gaps.max(axis=0))
-    candidates = np.flatnonzero(best_rank < np.iinfo(np.int64).max)
+    candidates = np.flatnonzero(best_rank < never)
     chosen = candidates[np.lexsort((-best_gap[candidates], best_rank[candidates]))][:n_genes]
     return tuple(int(i) for i in np.sort(chosen))

@@ -110,7 +110,8 @@ class AnnDataModule(CellDataModule):
         #: keep only this many most variable genes of the training cells (None: every gene); see preprocess.py
         self.gene_panel = None if gene_panel is None else int(gene_panel)
         if gene_panel_method not in PANEL_METHODS:
-            raise ValueError(f"data.gene_panel_method must be one of {sorted(PANEL_METHODS)}, got {gene_panel_method!r}")
+            raise ValueError(f"data.gene_panel_method must be one of {sorted(PANEL_METHODS)}, "
+                             f"got {gene_panel_method!r}")
         self.gene_panel_method = gene_panel_method
         self._adata: ad.AnnData | None = adata  # in memory (the notebook API), else read from path
         self.visibility: dict = {}

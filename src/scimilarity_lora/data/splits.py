@@ -51,9 +51,10 @@ def split_cells(
         val = idx[np.isin(groups, list(val_d))]
         train = idx[~np.isin(groups, list(test_d | val_d))]
     else:
-        stratify = labels if np.min(np.unique(labels, return_counts=True)[1]) >= 3 else None
+        class_sizes = np.unique(labels, return_counts=True)[1]
+        stratify = labels if class_sizes.min() >= 3 else None
         if stratify is not None:
-            _check_stratifiable(n, len(np.unique(labels)), val_fraction, test_fraction)
+            _check_stratifiable(n, len(class_sizes), val_fraction, test_fraction)
         rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=stratify)
         rel_val = val_fraction / (1 - test_fraction)
         strat_rest = labels[rest] if stratify is not None else None
