@@ -43,7 +43,8 @@ BENCHMARKS: dict[str, Bench] = {
     "loader_throughput": Bench("loader_throughput.py", [], ["--n-cells", "2000", "--batches", "3"],
                                ("census_stream_cells_per_s", "in_memory_cells_per_s", "train_step_cells_per_s",
                                 "census_over_train_step", "peak_rss_mb")),
-    "evaluate_memory": Bench("evaluate_memory.py", [], ["--n-cells", "1500", "--train-batches", "2"],
+    "evaluate_memory": Bench("evaluate_memory.py", [], ["--n-cells", "1500", "--train-batches", "2",
+                                                   "--workdir", "{work}/evaluate_memory"],
                              ("split_cells", "train", "evaluate", "dense_copy_bytes")),
     "scaling": Bench("scaling.py", [], ["--sizes", "1200", "--train-steps", "2", "--query-cells", "200",
                                         "--skip-evaluate", "--workdir", "{work}/scaling"],  # evaluate_memory's

@@ -38,6 +38,15 @@ def run_train_cli(args: list[str], timeout: int = 600, env: dict | None = None,
     )
 
 
+def run_train_clis(*jobs: dict) -> list[subprocess.CompletedProcess]:
+    """Several independent CLI runs at once (each a dict of ``run_train_cli``'s keyword arguments): a resume test's
+    uninterrupted and killed runs share nothing, and each spends most of its time starting up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(lambda job: run_train_cli(**job), jobs))
+
+
 def make_predictor(n_genes_or_genes, latent: int = 8, hidden: list[int] | None = None, classes: list[str] | None = None,
                    gene_aliases: bool = True, seed: int = 0):
     """A predictor around a small random classifier (for tests of the inference and serving layers)."""

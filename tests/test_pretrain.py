@@ -230,14 +230,16 @@ def test_pretraining_under_ddp_on_cpu_two_processes(tmp_path):
 def test_killed_pretraining_resumes_exactly(tmp_path):
     import os
 
-    from helpers import REPO, run_train_cli
+    from helpers import REPO, run_train_cli, run_train_clis
 
     args = SMALL + ["trainer.max_epochs=3", "data.batch_size=128", "callbacks.last_checkpoint.every_n_train_steps=4"]
     full, crashed = tmp_path / "full", tmp_path / "crashed"
-    assert run_train_cli(args + [f"hydra.run.dir={full}"], script="pretrain.py").returncode == 0
     env = {"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    killed = run_train_cli(args + [f"hydra.run.dir={crashed}", "+callbacks.crash._target_=crash_callback.KillAtStep",
-                                   "+callbacks.crash.step=9"], env=env, script="pretrain.py")
+    uninterrupted, killed = run_train_clis(
+        {"args": args + [f"hydra.run.dir={full}"], "script": "pretrain.py"},
+        {"args": args + [f"hydra.run.dir={crashed}", "+callbacks.crash._target_=crash_callback.KillAtStep",
+                         "+callbacks.crash.step=9"], "env": env, "script": "pretrain.py"})
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     assert killed.returncode == -9 and (crashed / "checkpoints" / "last.ckpt").is_file()
     resumed = run_train_cli(args + [f"hydra.run.dir={crashed}", "ckpt_path=last"], script="pretrain.py")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

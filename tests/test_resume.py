@@ -5,11 +5,12 @@ import os
 
 import pytest
 
-from helpers import REPO, run_train_cli
+from helpers import REPO, run_train_cli, run_train_clis
 
 ARGS = ["model=tiny", "data.batch_size=32", "trainer.max_epochs=4", "callbacks.early_stopping.patience=100",
         "callbacks.last_checkpoint.every_n_train_steps=5", "trainer.enable_progress_bar=false"]
 STEPS_PER_EPOCH = 16  # 490 training cells / 32
+CRASH_ENV = {"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # crash_callback
 
 
 def metrics(path):
@@ -19,10 +20,11 @@ def metrics(path):
 @pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
-    assert run_train_cli(ARGS + [f"hydra.run.dir={full}"]).returncode == 0
-    env = {"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    killed = run_train_cli(ARGS + [f"hydra.run.dir={crashed}", "+callbacks.crash._target_=crash_callback.KillAtStep",
-                                   "+callbacks.crash.step=23"], env=env)
+    uninterrupted, killed = run_train_clis(
+        {"args": ARGS + [f"hydra.run.dir={full}"]},
+        {"args": ARGS + [f"hydra.run.dir={crashed}", "+callbacks.crash._target_=crash_callback.KillAtStep",
+                         "+callbacks.crash.step=23"], "env": CRASH_ENV})
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     assert killed.returncode == -9  # SIGKILL, in epoch 1 (steps 16..31)
     assert not (crashed / "metrics.json").exists()
     assert (crashed / "checkpoints" / "last.ckpt").is_file()
@@ -65,12 +67,14 @@ def test_killed_census_run_resumes_exactly(tmp_path):
             "trainer.max_epochs=3", "callbacks.early_stopping.patience=100",
             "callbacks.last_checkpoint.every_n_train_steps=5", "trainer.enable_progress_bar=false"]
     full, crashed = tmp_path / "full", tmp_path / "crashed"
-    assert run_train_cli(args + [f"hydra.run.dir={full}"]).returncode == 0
+    kill_at = 32  # mid-way through the second epoch: 1,501 training cells / 64 = 24 steps each (asserted below)
+    uninterrupted, killed = run_train_clis(
+        {"args": args + [f"hydra.run.dir={full}"]},
+        {"args": args + [f"hydra.run.dir={crashed}", "+callbacks.crash._target_=crash_callback.KillAtStep",
+                         f"+callbacks.crash.step={kill_at}"], "env": CRASH_ENV})
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     steps_per_epoch = metrics(full)["global_step"] // 3
-    kill_at = steps_per_epoch + 8  # mid-way through the second epoch
-    env = {"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    killed = run_train_cli(args + [f"hydra.run.dir={crashed}", "+callbacks.crash._target_=crash_callback.KillAtStep",
-                                   f"+callbacks.crash.step={kill_at}"], env=env)
+    assert steps_per_epoch + 1 < kill_at < 2 * steps_per_epoch
     assert killed.returncode == -9
     resumed = run_train_cli(args + [f"hydra.run.dir={crashed}", "ckpt_path=last"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

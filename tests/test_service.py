@@ -548,10 +548,12 @@ def test_schemathesis_finds_no_server_errors(served, tmp_path):
     requests may rightly be refused): any 5xx, undocumented status, response off its schema, wrong content type or
     a hang fails the test."""
     report = tmp_path / "st.json"
+    # one worker fuzzed deeply; the two-worker server (the same handlers behind another process model) lighter
+    examples = 800 if served["workers"] == 1 else 250
     res = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{served['url']}/docs.json", "--checks", "all",
          "--exclude-checks", "positive_data_acceptance",
-         "--max-examples", "800", "--request-timeout", "20", "--seed", "1", "--generation-deterministic",
+         "--max-examples", str(examples), "--request-timeout", "20", "--seed", "1", "--generation-deterministic",
          "--report", "ndjson", "--report-ndjson-path", str(report)],
         capture_output=True, text=True, timeout=400, cwd=REPO)
     output = res.stdout + res.stderr
@@ -560,7 +562,7 @@ def test_schemathesis_finds_no_server_errors(served, tmp_path):
 
     generated = int(re.search(r"(\d+) generated", output).group(1))
     print(f"schemathesis: {generated} generated")
-    assert generated >= 1000 and f"{generated} generated, {generated} passed" in output
+    assert generated >= 1.25 * examples and f"{generated} generated, {generated} passed" in output
 
 
 def test_the_list_form_is_featurised_together_exactly_as_cell_by_cell(exported):
