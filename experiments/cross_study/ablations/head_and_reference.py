@@ -14,12 +14,11 @@ through the same ``score`` path as every Study 3 row (label matching, metrics; h
   statistics (the reference's cells under the reference's, the query's under the query's: AdaBN done on both sides,
   so the within-study query sees nearly the reference's statistics; ``test_time_adaptation.py`` changed only the
   query's, under a head trained on the stand-in's).
-Writes ``head_and_reference.json`` beside this file (``head_and_reference_<work-method>.json`` otherwise).
+Writes ``head_and_reference.json`` beside this file (``_study3_runs.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
@@ -28,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from study3 import OUT, REPO, TASKS, datasets, within_split  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _study3_runs import arguments, runs, write  # noqa: E402
 from test_time_adaptation import adabn  # noqa: E402
 
 WAYS = ("head", "knn", "head+knn", "centroid", "knn_per_study_bn", "centroid_per_study_bn")
@@ -109,37 +107,17 @@ def main() -> None:
     from scimilarity_lora.inference.predictor import CellTypePredictor
     from scimilarity_lora.inference.reference.query import open_reference
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-method", default="lora_panel_augment")
-    p.add_argument("--real", default=str(REPO.parent / "shared" / "data" / "real"))
-    p.add_argument("--tasks", nargs="+", default=list(TASKS))
-    a = p.parse_args()
-    d = datasets(Path(a.real))
-    d["pbmc3k_ref80"], d["pbmc3k_query20"] = within_split(Path(a.real))
+    a = arguments(__doc__)
     rows = []
-    for task in a.tasks:
-        query = d[TASKS[task][1]]
-        for seed in (0, 1, 2):
-            work = OUT / "work" / task.replace("->", "-") / a.work_method / f"seed{seed}"
-            if not (work / "index").is_dir():
-                continue
-            row = {"task": task, "seed": seed, "work_method": a.work_method,
-                   **scores(CellTypePredictor.load(work / "run" / "model"), open_reference(work / "index"),
-                            d[TASKS[task][0]], query)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    summary = {}
-    for task in a.tasks:
-        rs = [r for r in rows if r["task"] == task]
-        summary[task] = {w: round(float(np.mean([r[w]["macro_f1"] for r in rs])), 4) for w in WAYS} if rs else None
-    cross = [t for t in a.tasks if not t.startswith("within") and summary[t]]
-    summary["mean_cross_study"] = {w: round(float(np.mean([summary[t][w] for t in cross])), 4) for w in WAYS}
-    suffix = "" if a.work_method == "lora_panel_augment" else f"_{a.work_method}"
-    (HERE / f"head_and_reference{suffix}.json").write_text(json.dumps(
-        {"command": "python experiments/cross_study/ablations/head_and_reference.py"
-                    + (f" --work-method {a.work_method}" if a.work_method != "lora_panel_augment" else ""),
-         "mean_macro_f1": summary, "rows": rows}, indent=1))
-    print(json.dumps(summary, indent=1))
+    for task, seed, work, reference, query in runs(a):
+        if not (work / "index").is_dir():
+            continue
+        row = {"task": task, "seed": seed, "work_method": a.work_method,
+               **scores(CellTypePredictor.load(work / "run" / "model"), open_reference(work / "index"), reference,
+                        query)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(json.dumps(write("head_and_reference", a, rows, WAYS), indent=1))
 
 
 if __name__ == "__main__":

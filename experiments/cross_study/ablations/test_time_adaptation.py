@@ -16,7 +16,6 @@ default's runs kept the name of their run time, ``lora_panel_augment`` (the READ
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -25,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from study3 import OUT, REPO, TASKS, datasets, within_split  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _study3_runs import arguments, runs, write  # noqa: E402
 
 
 def adabn(predictor, query: dict):
@@ -86,41 +84,20 @@ def main() -> None:
     from scimilarity_lora.evaluation.query import evaluate_query
     from scimilarity_lora.inference.predictor import CellTypePredictor
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-method", default="lora_panel_augment")
-    p.add_argument("--real", default=str(REPO.parent / "shared" / "data" / "real"))
-    p.add_argument("--tasks", nargs="+", default=list(TASKS))
-    a = p.parse_args()
-    d = datasets(Path(a.real))
-    d["pbmc3k_ref80"], d["pbmc3k_query20"] = within_split(Path(a.real))
+    a = arguments(__doc__)
     rows = []
-    for task in a.tasks:
-        query = d[TASKS[task][1]]
-        for seed in (0, 1, 2):
-            model = OUT / "work" / task.replace("->", "-") / a.work_method / f"seed{seed}" / "run" / "model"
-            if not model.is_dir():
-                continue
-            predictor = CellTypePredictor.load(model)
-            row = {"task": task, "seed": seed, "work_method": a.work_method}
-            for name, variant in (("head", predictor), ("adabn", adabn(predictor, query)),
-                                  ("em_prior", with_em_prior(predictor))):
-                r = evaluate_query(variant, query["path"], query["label"], layer=query["layer"],
-                                   input_is_log1p=query["log1p"], label_map=query["map"], majority_voting=False,
-                                   expression_voting=False)
-                row[name] = {"accuracy": round(r["accuracy"], 4), "macro_f1": round(r["macro_f1"], 4)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    summary = {}
-    for task in a.tasks:
-        rs = [r for r in rows if r["task"] == task]
-        summary[task] = {name: round(float(np.mean([r[name]["macro_f1"] for r in rs])), 4)
-                         for name in ("head", "adabn", "em_prior")} if rs else None
-    suffix = "" if a.work_method == "lora_panel_augment" else f"_{a.work_method}"
-    (HERE / f"test_time_adaptation{suffix}.json").write_text(json.dumps(
-        {"command": "python experiments/cross_study/ablations/test_time_adaptation.py"
-                    + (f" --work-method {a.work_method}" if a.work_method != "lora_panel_augment" else ""),
-         "mean_macro_f1": summary, "rows": rows}, indent=1))
-    print(json.dumps(summary, indent=1))
+    for task, seed, work, _, query in runs(a):
+        predictor = CellTypePredictor.load(work / "run" / "model")
+        row = {"task": task, "seed": seed, "work_method": a.work_method}
+        for name, variant in (("head", predictor), ("adabn", adabn(predictor, query)),
+                              ("em_prior", with_em_prior(predictor))):
+            r = evaluate_query(variant, query["path"], query["label"], layer=query["layer"],
+                               input_is_log1p=query["log1p"], label_map=query["map"], majority_voting=False,
+                               expression_voting=False)
+            row[name] = {"accuracy": round(r["accuracy"], 4), "macro_f1": round(r["macro_f1"], 4)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(json.dumps(write("test_time_adaptation", a, rows, ("head", "adabn", "em_prior")), indent=1))
 
 
 if __name__ == "__main__":
