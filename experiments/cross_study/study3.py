@@ -86,6 +86,7 @@ OURS = {
     "lora_dropout03": ["data.augment.gene_dropout=0.3"],  # the default with stronger gene dropout
     "lora_train84": ["data.test_fraction=0.01"],          # the default training on 84% of the reference, not 70%
     "lora_r32": ["lora.r=32", "lora.alpha=64"],           # the default with rank 32 adapters (alpha/r kept at 2)
+    "lora_r2": ["lora.r=2", "lora.alpha=4"],              # the default with rank 2 adapters (r32 lost: less capacity?)
     # "lora_bn" (the default on a stand-in whose BatchNorm statistics came from the training cells): ran at commit
     # c9526b8, whose model.calibrate_batchnorm was removed after it lost (README, screens)
     "lora_all_genes": [*ALL_GENES, *NO_AUGMENT],    # every gene, no augmentation (the default before #22's change)

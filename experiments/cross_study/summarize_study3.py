@@ -111,7 +111,7 @@ def compact(summary: dict) -> str:
 
 
 #: recipes screened at one seed (0): read against the default's own seed-0 run, not its three-seed mean
-SCREENS = ("lora_markers", "lora_panel1000", "lora_dropout03", "lora_train84", "lora_r32", "lora_bn")
+SCREENS = ("lora_markers", "lora_panel1000", "lora_dropout03", "lora_train84", "lora_r32", "lora_r2", "lora_bn")
 
 
 def screens(rows: list[dict], tasks: list[str]) -> str:
