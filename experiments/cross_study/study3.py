@@ -87,6 +87,9 @@ OURS = {
     "lora_train84": ["data.test_fraction=0.01"],          # the default training on 84% of the reference, not 70%
     "lora_r32": ["lora.r=32", "lora.alpha=64"],           # the default with rank 32 adapters (alpha/r kept at 2)
     "lora_r2": ["lora.r=2", "lora.alpha=4"],              # the default with rank 2 adapters (r32 lost: less capacity?)
+    "lora_epochs10": ["trainer.max_epochs=10"],           # the default trained 10 epochs, not up to 60 (how long)
+    "lora_wd01": ["model.classifier.optimizer.weight_decay=0.1"],  # the default with 10x the weight decay
+    "lora_smooth01": ["model.classifier.label_smoothing=0.1"],    # the default with label smoothing 0.1
     # "lora_bn" (the default on a stand-in whose BatchNorm statistics came from the training cells): ran at commit
     # c9526b8, whose model.calibrate_batchnorm was removed after it lost (README, screens)
     "lora_all_genes": [*ALL_GENES, *NO_AUGMENT],    # every gene, no augmentation (the default before #22's change)

@@ -67,7 +67,8 @@ def table(summary: dict) -> str:
 
 
 #: the compact table: this project's recipes, then each peer at its best setting per task (the full table has all)
-COMPACT_OURS = ("lora_default", "lora_default+majority_voting_expression", "lora_default+knn", "lora_panel",
+COMPACT_OURS = ("lora_default", "lora_default+majority_voting_expression", "lora_default+knn", "lora_epochs10",
+               "lora_epochs10+majority_voting_expression", "lora_panel",
                "lora_panel+majority_voting_expression", "lora_markers", "lora_augment",
                "lora_augment+majority_voting_expression",
                "lora_all_genes", "lora_all_genes+majority_voting_expression", "lora_pretrained_28k", "full_finetune",
@@ -111,7 +112,8 @@ def compact(summary: dict) -> str:
 
 
 #: recipes screened at one seed (0): read against the default's own seed-0 run, not its three-seed mean
-SCREENS = ("lora_markers", "lora_panel1000", "lora_dropout03", "lora_train84", "lora_r32", "lora_r2", "lora_bn")
+SCREENS = ("lora_markers", "lora_panel1000", "lora_dropout03", "lora_train84", "lora_r32", "lora_r2", "lora_epochs10",
+           "lora_wd01", "lora_smooth01", "lora_bn")
 
 
 def screens(rows: list[dict], tasks: list[str]) -> str:
