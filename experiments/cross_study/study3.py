@@ -88,6 +88,7 @@ OURS = {
     "lora_r32": ["lora.r=32", "lora.alpha=64"],           # the default with rank 32 adapters (alpha/r kept at 2)
     "lora_r2": ["lora.r=2", "lora.alpha=4"],              # the default with rank 2 adapters (r32 lost: less capacity?)
     "lora_epochs10": ["trainer.max_epochs=10"],           # the default trained 10 epochs, not up to 60 (how long)
+    "lora_epochs20": ["trainer.max_epochs=20"],           # 20 epochs: 10 scattered on the 700-cell reference
     "lora_wd01": ["model.classifier.optimizer.weight_decay=0.1"],  # the default with 10x the weight decay
     "lora_smooth01": ["model.classifier.label_smoothing=0.1"],    # the default with label smoothing 0.1
     # "lora_bn" (the default on a stand-in whose BatchNorm statistics came from the training cells): ran at commit

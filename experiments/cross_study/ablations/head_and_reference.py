@@ -3,7 +3,7 @@
     python experiments/cross_study/ablations/head_and_reference.py [--work-method lora_panel_augment]
 
 The issue lists "combining head and kNN" among the causes to test. Reusing Study 3's runs and their reference
-indexes (every reference cell embedded by the run's own adapter; no training), each cell is scored four ways
+indexes (every reference cell embedded by the run's own adapter; no training), each cell is scored six ways
 through the same ``score`` path as every Study 3 row (label matching, metrics; head only, no voting):
 - ``head``: the classifier's probabilities (the default);
 - ``knn``: the index's distance-weighted vote of 15 neighbours (SCimilarity's way);
