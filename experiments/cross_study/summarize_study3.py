@@ -68,7 +68,7 @@ def table(summary: dict) -> str:
 
 #: the compact table: this project's recipes, then each peer at its best setting per task (the full table has all)
 COMPACT_OURS = ("lora_default", "lora_default+majority_voting_expression", "lora_default+knn", "lora_epochs10",
-               "lora_epochs10+majority_voting_expression", "lora_panel",
+               "lora_epochs10+majority_voting_expression", "lora_epochs20", "lora_panel",
                "lora_panel+majority_voting_expression", "lora_markers", "lora_augment",
                "lora_augment+majority_voting_expression",
                "lora_all_genes", "lora_all_genes+majority_voting_expression", "lora_pretrained_28k", "full_finetune",
