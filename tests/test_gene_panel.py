@@ -78,16 +78,13 @@ def test_the_marker_panel_gives_every_pair_of_classes_its_genes_a_rare_class_inc
         marker_panel(X, np.array(["a"] * len(labels)), Preprocessing(), 3)
 
 
-def _training_cells(out, pbmc, genes):
-    """The run's training split (its splits.csv) of the demo's cells, aligned to ``genes``, and their labels."""
+def _training_cells(out, pbmc, predictor):
+    """The run's training split (its splits.csv) of the demo's cells, aligned by the run's own gene alignment, and
+    their labels."""
     splits = np.loadtxt(out / "splits.csv", delimiter=",", dtype=str, skiprows=1)
-    raw = pbmc.raw.to_adata()
-    train = raw[[c for c, s in splits if s == "train"]]
-    position = {g: i for i, g in enumerate(genes)}
-    aligned = sp.csr_matrix((train.n_obs, len(genes)), dtype=np.float32).tolil()
-    cols = [position[g] for g in train.var_names if g in position]
-    aligned[:, cols] = sp.csr_matrix(train.X)[:, [j for j, g in enumerate(train.var_names) if g in position]]
-    return aligned.tocsr(), pbmc.obs.loc[train.obs_names, "bulk_labels"].astype(str).to_numpy()
+    train = pbmc.raw.to_adata()[[c for c, s in splits if s == "train"]]
+    aligned = predictor.alignment(list(train.var_names)).apply(sp.csr_matrix(train.X))
+    return aligned, pbmc.obs.loc[train.obs_names, "bulk_labels"].astype(str).to_numpy()
 
 
 def test_a_run_with_a_marker_panel_chooses_it_on_the_training_cells_labels(tmp_path, pbmc):
@@ -97,7 +94,7 @@ def test_a_run_with_a_marker_panel_chooses_it_on_the_training_cells_labels(tmp_p
     out = tmp_path / "run"
     run(compose_train(FAST + ["data.gene_panel=150", "data.gene_panel_method=markers", "trainer.max_epochs=1"], out))
     panel = json.loads((out / "model" / "model_config.json").read_text())["preprocessing"]["gene_panel"]
-    aligned, labels = _training_cells(out, pbmc, CellTypePredictor.load(out / "model").genes)
+    aligned, labels = _training_cells(out, pbmc, CellTypePredictor.load(out / "model"))
     prep = Preprocessing(input_is_log1p=True)
     assert panel == list(marker_panel(aligned, labels, prep, 150))  # the training labels' markers ...
     assert panel != list(highly_variable_panel(aligned, prep, 150))  # ... not the variable genes
@@ -117,7 +114,7 @@ def test_a_run_with_a_panel_saves_it_and_its_predictions_ignore_every_other_gene
     # chosen on the training split only: the same genes as the panel of those cells
     predictor = CellTypePredictor.load(out / "model")
     genes = list(predictor.genes)
-    aligned, _ = _training_cells(out, pbmc, genes)
+    aligned, _ = _training_cells(out, pbmc, predictor)
     assert list(highly_variable_panel(aligned, Preprocessing(input_is_log1p=True), 200)) == panel
     raw = pbmc.raw.to_adata()
     position = {g: i for i, g in enumerate(genes)}

@@ -8,9 +8,10 @@ runs kept the name of their run time, ``lora_panel_augment``) and writes ``<name
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ def arguments(doc: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--work-method", default=DEFAULT_WORK)
     p.add_argument("--real", default=str(REPO.parent / "shared" / "data" / "real"))
-    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     return p.parse_args()
 
 
@@ -57,3 +58,28 @@ def write(name: str, a: argparse.Namespace, rows: list[dict], ways: tuple[str, .
                     + (f" --work-method {a.work_method}" if other else ""),
          "mean_macro_f1": summary, "rows": rows}, indent=1))
     return summary
+
+
+def with_probs(predictor, probs: Callable[[np.ndarray, np.ndarray], np.ndarray]):
+    """A copy of ``predictor`` whose expressed cells' probabilities are ``probs(embeddings, probabilities)``: each
+    way of labelling is scored by ``evaluate_query`` itself, so every ablation row meets the same label matching
+    and metrics as Study 3's."""
+    adapted = copy.copy(predictor)
+
+    def predict_cells(*args, **kwargs):
+        out = predictor.predict_cells(*args, **kwargs)
+        e = out.expressed
+        out.probs[e] = probs(out.embeddings[e], out.probs[e]).astype(np.float32)
+        return out
+
+    adapted.predict_cells = predict_cells
+    return adapted
+
+
+def rescore(predictor, query: dict) -> dict:
+    """Accuracy and macro-F1 of the head of ``predictor`` on a query dataset (no voting)."""
+    from scimilarity_lora.evaluation.query import evaluate_query
+
+    r = evaluate_query(predictor, query["path"], query["label"], layer=query["layer"], input_is_log1p=query["log1p"],
+                       label_map=query["map"], majority_voting=False, expression_voting=False)
+    return {"accuracy": round(r["accuracy"], 4), "macro_f1": round(r["macro_f1"], 4)}

@@ -4,7 +4,7 @@
 
 The issue lists "combining head and kNN" among the causes to test. Reusing Study 3's runs and their reference
 indexes (every reference cell embedded by the run's own adapter; no training), each cell is scored six ways
-through the same ``score`` path as every Study 3 row (label matching, metrics; head only, no voting):
+through ``evaluate_query``, the path of every Study 3 row (label matching, metrics; head only, no voting):
 - ``head``: the classifier's probabilities (the default);
 - ``knn``: the index's distance-weighted vote of 15 neighbours (SCimilarity's way);
 - ``head+knn``: the mean of the two distributions;
@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _study3_runs import arguments, runs, write  # noqa: E402
+from _study3_runs import arguments, rescore, runs, with_probs, write  # noqa: E402
 from test_time_adaptation import adabn  # noqa: E402
 
 WAYS = ("head", "knn", "head+knn", "centroid", "knn_per_study_bn", "centroid_per_study_bn")
@@ -67,40 +65,23 @@ def embed(predictor, dataset: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scores(predictor, index, reference: dict, query: dict) -> dict:
-    from scimilarity_lora.data.io import expression_matrix, gene_names, read_anndata
-    from scimilarity_lora.data.ontology import read_label_map
-    from scimilarity_lora.evaluation.query import MAP_COLUMNS, match_labels, read_query_labels, score
-
-    adata = read_anndata(query["path"])
-    labels, terms = read_query_labels(adata, query["label"], None)
-    X, var_names, var = expression_matrix(adata, query["layer"])
-    result = predictor.predict_cells(X, gene_names(var_names, var, None), input_is_log1p=query["log1p"],
-                                     progress=False)
-    e = result.expressed
-    has = np.array([x is not None for x in labels]) & e
-    matches = match_labels(Counter(labels[has]), predictor.classes, predictor.class_terms,
-                           read_label_map(query["map"], columns=MAP_COLUMNS), terms)
+    """Each way's accuracy and macro-F1 on the query, through ``evaluate_query``."""
     if list(index.classes) != list(predictor.classes):
         raise SystemExit(f"index classes {index.classes} differ from the model's {predictor.classes}")
-    z = result.embeddings[e]
-    knn = index.annotate(z, 15).shares
-    n = len(index.classes)
-    ways = {"head": result.probs[e], "knn": knn, "head+knn": (result.probs[e] + knn) / 2,
-            "centroid": centroid_probs(index.embeddings, index.label_codes, n, z)}
-    ref_emb, ref_expressed = embed(adabn(predictor, reference), reference)
-    if ref_expressed.sum() != index.n_cells:
-        raise SystemExit(f"{reference['path']}: {ref_expressed.sum()} expressed cells, the index holds {index.n_cells}")
-    query_emb, query_expressed = embed(adabn(predictor, query), query)
-    assert (query_expressed == e).all()
-    ways["knn_per_study_bn"] = knn_shares(ref_emb, index.label_codes, n, query_emb)
-    ways["centroid_per_study_bn"] = centroid_probs(ref_emb, index.label_codes, n, query_emb)
-    out = {}
-    for name, p in ways.items():
-        probs = result.probs.copy()
-        probs[e] = p
-        r = score(predictor, labels, replace(result, probs=probs), matches, majority_voting=False)
-        out[name] = {"accuracy": round(r["accuracy"], 4), "macro_f1": round(r["macro_f1"], 4)}
-    return out
+    n, codes = len(index.classes), index.label_codes
+    ref_bn, expressed = embed(adabn(predictor, reference), reference)
+    if expressed.sum() != index.n_cells:
+        raise SystemExit(f"{reference['path']}: {expressed.sum()} expressed cells, the index holds {index.n_cells}")
+    query_bn = adabn(predictor, query)
+    ways = {
+        "head": predictor,
+        "knn": with_probs(predictor, lambda z, _: index.annotate(z, 15).shares),
+        "head+knn": with_probs(predictor, lambda z, p: (p + index.annotate(z, 15).shares) / 2),
+        "centroid": with_probs(predictor, lambda z, _: centroid_probs(index.embeddings, codes, n, z)),
+        "knn_per_study_bn": with_probs(query_bn, lambda z, _: knn_shares(ref_bn, codes, n, z)),
+        "centroid_per_study_bn": with_probs(query_bn, lambda z, _: centroid_probs(ref_bn, codes, n, z)),
+    }
+    return {name: rescore(variant, query) for name, variant in ways.items()}
 
 
 def main() -> None:

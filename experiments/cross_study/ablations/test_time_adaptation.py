@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _study3_runs import arguments, runs, write  # noqa: E402
+from _study3_runs import arguments, rescore, runs, with_probs, write  # noqa: E402
 
 
 def adabn(predictor, query: dict):
@@ -68,33 +68,19 @@ def em_prior(probs: np.ndarray, iterations: int = 200) -> np.ndarray:
 
 
 def with_em_prior(predictor):
-    adapted = copy.copy(predictor)
-
-    def predict_cells(*args, **kwargs):
-        out = predictor.predict_cells(*args, **kwargs)
-        e = out.expressed
-        out.probs[e] = em_prior(out.probs[e].astype(np.float64)).astype(np.float32)
-        return out
-
-    adapted.predict_cells = predict_cells
-    return adapted
+    return with_probs(predictor, lambda _, p: em_prior(p.astype(np.float64)))
 
 
 def main() -> None:
-    from scimilarity_lora.evaluation.query import evaluate_query
     from scimilarity_lora.inference.predictor import CellTypePredictor
 
     a = arguments(__doc__)
     rows = []
     for task, seed, work, _, query in runs(a):
         predictor = CellTypePredictor.load(work / "run" / "model")
-        row = {"task": task, "seed": seed, "work_method": a.work_method}
-        for name, variant in (("head", predictor), ("adabn", adabn(predictor, query)),
-                              ("em_prior", with_em_prior(predictor))):
-            r = evaluate_query(variant, query["path"], query["label"], layer=query["layer"],
-                               input_is_log1p=query["log1p"], label_map=query["map"], majority_voting=False,
-                               expression_voting=False)
-            row[name] = {"accuracy": round(r["accuracy"], 4), "macro_f1": round(r["macro_f1"], 4)}
+        row = {"task": task, "seed": seed, "work_method": a.work_method,
+               **{name: rescore(variant, query) for name, variant in (
+                   ("head", predictor), ("adabn", adabn(predictor, query)), ("em_prior", with_em_prior(predictor)))}}
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(json.dumps(write("test_time_adaptation", a, rows, ("head", "adabn", "em_prior")), indent=1))
